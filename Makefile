@@ -1,0 +1,27 @@
+# The README's two commands. Both create .venv when missing and install the project first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-demo
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first, then everything else under the same pins (timm would swap torch otherwise)
+	$(BIN)/python -m pip install -q -r constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dask]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/fm run -c demo
+	@echo "Outputs: .data/demo/<stage>/<fingerprint>/ (manifest.json in each); inspect with: $(BIN)/fm inspect train"
+
+test: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf .data/demo

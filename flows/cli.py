@@ -1,0 +1,109 @@
+"""The `fm` command line: run stages in-process, inspect outputs, serve deployments, start a local stack."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from data_contracts.errors import BooruflowError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default="demo", help="preset name (demo, nai-v2-fm) or YAML path")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. -o train.lr=1e-5 (repeatable)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.fm import fm
+
+    results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="booruflow outputs")
+    for col in ("stage", "state", "fingerprint", "rows", "output"):
+        table.add_column(col)
+    for r in results:
+        rows = ", ".join(f"{k}={v}" for k, v in r["row_counts"].items())
+        table.add_row(r["stage"], "cached" if r["cached"] else "built", r["fingerprint"], rows, r["output"])
+    Console().print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from data_contracts.registry import manifest_class
+    from data_contracts.store import ArtifactStore
+    from pipeline_config.load import load_config
+
+    cfg = load_config(args.config, args.override)
+    store = ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+    manifest = store.read_manifest(manifest_class(args.stage), args.fingerprint)
+    for entry in manifest.files:  # validates size and sha256 of every listed file
+        store.path(manifest, entry.path, verify=not args.quick)
+    print(manifest.to_json())
+    print(f"OK: {len(manifest.files)} files verified", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve_all
+
+    serve_all(args.config, limit=args.limit)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flows.deploy import DEFAULT_API_URL, serve_all, start_local_server
+
+    api_url = os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
+    proc = start_local_server(api_url, Path(".data/prefect-server.log"))
+    os.environ["PREFECT_API_URL"] = api_url
+    if proc is not None:
+        print(f"started a local Prefect server at {api_url} (pid {proc.pid}, log .data/prefect-server.log)")
+    print(f"UI: {api_url.removesuffix('/api')}  —  in another shell: "
+          f"PREFECT_API_URL={api_url} prefect deployment run fm/full --watch")
+    serve_all(args.config, limit=args.limit)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fm", description="booruflow: Danbooru -> flow-matching SD1.5")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run stages in-process (default: all, in DAG order)")
+    p.add_argument("stages", nargs="*", help="stage names; none = the whole pipeline")
+    p.add_argument("--force", action="store_true", help="rebuild the selected stages even if cached")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="print and verify the current manifest of a stage")
+    p.add_argument("stage")
+    p.add_argument("--fingerprint", default=None, help="a specific output instead of the current one")
+    p.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    for name, func, text in (("serve", cmd_serve, "serve fm/full and fm/<stage> against PREFECT_API_URL"),
+                             ("up", cmd_up, "start a local Prefect server if none answers, then serve")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config", default="demo", help="default config of the deployments")
+        p.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BooruflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Publish a stage outcome to Prefect as artifacts with stable keys (`fm-<stage>-...`)."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from data_contracts.manifest import MANIFEST_NAME
+from pipeline_config.secrets import redact
+from tasks.common.stage import StageOutcome
+
+MAX_TABLE_ROWS = 500
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect keys: lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+def file_link(outcome: StageOutcome, rel: str, file_base_url: str | None, data_root: str) -> str:
+    """An HTTP URL through the data-root file server when one runs, else a file:// URL or the path."""
+    path = f"{outcome.output_path}/{rel}"
+    if file_base_url and outcome.output_path.startswith(data_root.rstrip("/")):
+        rel_to_root = path[len(data_root.rstrip("/")) + 1 :]
+        return f"{file_base_url.rstrip('/')}/{quote(rel_to_root)}"
+    return Path(path).resolve().as_uri() if "://" not in path else path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = str(value)
+        return text if len(text) < 120 else text[:117] + "..."
+    return str(value)
+
+
+def summary_markdown(outcome: StageOutcome) -> str:
+    m = outcome.manifest
+    lines = [
+        f"# {m.stage} — {'cached' if outcome.cached else 'built'} `{m.fingerprint}`",
+        "",
+        f"- contract version: {m.contract_version}, code version: {m.code_version}",
+        f"- upstream: {', '.join(f'{k} `{v}`' for k, v in m.upstream.items()) or 'none'}",
+        f"- output: `{outcome.output_path}`",
+        f"- files: {len(m.files)} ({sum(f.size for f in m.files) / 1e6:.1f} MB)",
+        f"- built in: {outcome.seconds:.1f} s" if not outcome.cached else "- reused a complete output",
+        "",
+        "| rows | count |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in m.row_counts.items()],
+        "",
+    ]
+    scalars = {k: v for k, v in m.stats.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        lines += ["| stat | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in scalars.items()], ""]
+    if outcome.report.summary_md:
+        lines += [outcome.report.summary_md]
+    return redact("\n".join(lines))
+
+
+def publish_outcome(outcome: StageOutcome, data_root: str, file_base_url: str | None = None) -> dict[str, str]:
+    """Create the summary, table, link and image artifacts of one stage. Returns key -> kind."""
+    stage = outcome.manifest.stage
+    made: dict[str, str] = {}
+    key = artifact_key("fm", stage, "summary")
+    create_markdown_artifact(summary_markdown(outcome), key=key, description=f"{stage} summary")
+    made[key] = "markdown"
+    for name, rows in outcome.report.tables.items():
+        if not rows:
+            continue
+        key = artifact_key("fm", stage, name)
+        create_table_artifact(rows[:MAX_TABLE_ROWS], key=key, description=f"{stage}: {name}")
+        made[key] = "table"
+    key = artifact_key("fm", stage, "manifest")
+    create_link_artifact(
+        file_link(outcome, MANIFEST_NAME, file_base_url, data_root),
+        link_text=f"{stage} manifest {outcome.manifest.fingerprint}",
+        key=key,
+    )
+    made[key] = "link"
+    images = outcome.report.images
+    for caption, rel in images.items():
+        url = file_link(outcome, rel, file_base_url, data_root)
+        key = artifact_key("fm", stage, "img", caption)
+        if file_base_url:
+            create_image_artifact(url, key=key, description=caption)
+            made[key] = "image"
+    if images and not file_base_url:
+        # Image artifacts need a URL the browser can fetch; without the file server link the paths.
+        body = "\n".join(f"- {caption}: [{rel}]({file_link(outcome, rel, None, data_root)})" for caption, rel in images.items())
+        key = artifact_key("fm", stage, "images")
+        create_markdown_artifact(f"# {stage} images\n\n{body}", key=key, description=f"{stage} images")
+        made[key] = "markdown"
+    return made
+
+
+class ProgressReporter:
+    """A progress artifact per stage run, updated at most every `interval` seconds."""
+
+    def __init__(self, stage: str, interval: float = 2.0) -> None:
+        self.stage = stage
+        self.interval = interval
+        self._last = 0.0
+        self._id = create_progress_artifact(0.0, key=artifact_key("fm", stage, "progress"), description=f"{stage}: starting")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval and fraction < 1.0:
+            return
+        self._last = now
+        update_progress_artifact(self._id, max(0.0, min(100.0, fraction * 100.0)), description=redact(f"{self.stage}: {message}"))
+
+    def done(self) -> None:
+        update_progress_artifact(self._id, 100.0, description=f"{self.stage}: done")

@@ -1,0 +1,24 @@
+"""The whole pipeline config: one section per stage plus data_root and runtime."""
+from __future__ import annotations
+
+from pipeline_config.base import Section
+from pipeline_config.bucket import BucketConfig
+from pipeline_config.cache import CacheConfig
+from pipeline_config.ingest import IngestConfig
+from pipeline_config.quality import QualityConfig
+from pipeline_config.runtime import RuntimeConfig
+from pipeline_config.tag import TagConfig
+from pipeline_config.train import TrainConfig
+
+
+class PipelineConfig(Section):
+    name: str = "default"
+    data_root: str = ".data/booruflow"  # local folder or any fsspec URL (s3://bucket/prefix)
+    seed: int = 0
+    runtime: RuntimeConfig = RuntimeConfig()
+    ingest: IngestConfig = IngestConfig()
+    tag: TagConfig = TagConfig()
+    quality: QualityConfig = QualityConfig()
+    bucket: BucketConfig = BucketConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()

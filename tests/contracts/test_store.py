@@ -1,0 +1,145 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pytest
+
+from data_contracts.errors import ContractError, StageError
+from data_contracts.fingerprint import stage_fingerprint
+from data_contracts.ingest import IngestManifest
+from data_contracts.manifest import MANIFEST_NAME
+from data_contracts.quality import QUALITY_SCHEMA, QualityManifest
+from data_contracts.store import ArtifactStore
+from data_contracts.tables import read_table, write_table
+
+QUALITY_ROWS = pa.table({"id": [1, 2], "year": [2020, 2021], "norm_score": [0.1, 0.9],
+                         "label": ["bad score", "masterpiece"], "cluster": [1, 3]})
+
+
+def _manifest(fp="abc", **kw):
+    return QualityManifest(stage="quality", contract_version=1, fingerprint=fp, config_digest="d",
+                           code_version="1", method="kmeans", **kw)
+
+
+def test_commit_then_read_round_trip(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    work = store.begin("quality", "abc", resume=False)
+    write_table(QUALITY_ROWS, work / "quality.parquet", QUALITY_SCHEMA)
+    committed = store.commit(_manifest(row_counts={"quality": 2}), work)
+    assert not work.exists()
+    assert store.current("quality") == "abc"
+    again = store.read_manifest(QualityManifest)
+    assert again == committed
+    entry = again.file("quality.parquet")
+    assert entry.size == (tmp_path / "quality" / "abc" / "quality.parquet").stat().st_size
+    table = read_table(store.path(again, "quality.parquet", verify=True), QUALITY_SCHEMA)
+    assert table.column("label").to_pylist() == ["bad score", "masterpiece"]
+
+
+def test_output_without_manifest_is_never_read_and_cleaned(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    folder = tmp_path / "quality" / "half"
+    folder.mkdir(parents=True)
+    (folder / "quality.parquet").write_bytes(b"partial")
+    assert not store.is_complete("quality", "half")
+    with pytest.raises(StageError, match="incomplete"):
+        store.read_manifest(QualityManifest, "half")
+    assert store.current("quality") is None
+    removed = store.clean_incomplete("quality", keep=set())
+    assert any("half" in r for r in removed) and not folder.exists()
+
+
+def test_kill_between_data_file_and_manifest_leaves_nothing_readable(tmp_path):
+    """A real process is SIGKILLed after writing the data file, before the commit."""
+    script = textwrap.dedent(f"""
+        import os, signal, pyarrow as pa
+        from data_contracts.store import ArtifactStore
+        from data_contracts.tables import write_table
+        from data_contracts.quality import QUALITY_SCHEMA
+        store = ArtifactStore({str(tmp_path)!r})
+        work = store.begin("quality", "fp1", resume=False)
+        t = pa.table({{"id": [1], "year": [2020], "norm_score": [0.5], "label": ["good score"], "cluster": [2]}})
+        write_table(t, work / "quality.parquet", QUALITY_SCHEMA)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
+    assert proc.returncode == -signal.SIGKILL
+    store = ArtifactStore(str(tmp_path))
+    assert not store.is_complete("quality", "fp1")
+    assert store.current("quality") is None
+    with pytest.raises(StageError):
+        store.read_manifest(QualityManifest)
+    store.clean_incomplete("quality", keep=set())
+    assert not (tmp_path / "quality" / "_work" / "fp1").exists()
+
+
+def test_force_rewrite_replaces_complete_output(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    for n in (1, 2):
+        work = store.begin("quality", "abc", resume=False)
+        write_table(QUALITY_ROWS.slice(0, n), work / "quality.parquet", QUALITY_SCHEMA)
+        store.commit(_manifest(row_counts={"quality": n}), work)
+    assert store.read_manifest(QualityManifest).row_counts == {"quality": 2}
+    assert not list((tmp_path / "quality").glob(".old-*"))
+
+
+def test_contract_version_mismatch_names_file_field_expected_found(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    work = store.begin("quality", "abc", resume=False)
+    store.commit(_manifest(), work)
+    path = tmp_path / "quality" / "abc" / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["contract_version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ContractError) as err:
+        store.read_manifest(QualityManifest)
+    msg = str(err.value)
+    assert str(path) in msg and "contract_version" in msg and "expected 1" in msg and "found 99" in msg
+
+
+def test_manifest_of_another_stage_rejected(tmp_path):
+    from data_contracts.manifest import parse_manifest
+
+    raw = _manifest().to_json()
+    with pytest.raises(ContractError, match="field 'stage' expected 'ingest', found 'quality'"):
+        parse_manifest(raw, IngestManifest, "somewhere/manifest.json")
+
+
+def test_table_schema_mismatch_names_field(tmp_path):
+    good = QUALITY_ROWS.cast(QUALITY_SCHEMA)
+    other = good.set_column(2, "norm_score", pa.array(["high", "low"]))
+    import pyarrow.parquet as pq
+    pq.write_table(other, tmp_path / "q.parquet")
+    with pytest.raises(ContractError) as err:
+        read_table(tmp_path / "q.parquet", QUALITY_SCHEMA)
+    assert "norm_score" in str(err.value) and "float" in str(err.value) and "string" in str(err.value)
+
+
+def test_truncated_file_detected_by_size_and_checksum(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    work = store.begin("quality", "abc", resume=False)
+    write_table(QUALITY_ROWS, work / "quality.parquet", QUALITY_SCHEMA)
+    manifest = store.commit(_manifest(), work)
+    path = tmp_path / "quality" / "abc" / "quality.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(ContractError, match="truncated"):
+        store.path(manifest, "quality.parquet")
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ContractError, match="sha256"):
+        store.path(manifest, "quality.parquet", verify=True)
+
+
+def test_fingerprint_changes_with_every_input():
+    base = dict(stage="bucket", contract_version=1, config_section={"area": 262144},
+                upstream={"ingest": "a", "quality": "b"}, code_version="1")
+    fp = stage_fingerprint(**base)
+    assert fp == stage_fingerprint(**base)
+    assert stage_fingerprint(**{**base, "upstream": {"quality": "b", "ingest": "a"}}) == fp
+    for change in ({"contract_version": 2}, {"config_section": {"area": 1}}, {"code_version": "2"},
+                   {"upstream": {"ingest": "a", "quality": "c"}}):
+        assert stage_fingerprint(**{**base, **change}) != fp
