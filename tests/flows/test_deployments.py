@@ -1,0 +1,108 @@
+"""End to end through a real Prefect server: `prefect deployment run fm/full --watch` on the demo preset,
+then every stage's artifacts read back through the Prefect client, then a single-stage rerun."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.registry import implemented_stages
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deployment_run(env: dict[str, str], name: str, params: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", "--params", json.dumps(params)],
+        env=env, capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def latest_flow_run_id(env: dict[str, str], deployment: str):
+    return asyncio.run(_latest_flow_run_id(env, deployment))
+
+
+async def _latest_flow_run_id(env, deployment):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(deployment)
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+        return runs[0].id
+
+
+def read_run(env: dict[str, str], flow_run_id) -> tuple[dict[str, object], list[str]]:
+    """(artifact key -> artifact, task run names) of one flow run, through the Prefect client."""
+    return asyncio.run(_read_run(flow_run_id))
+
+
+async def _read_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in arts if a.key}, sorted(t.name for t in tasks)
+
+
+def stage_state(artifacts: dict, stage: str) -> str:
+    data = artifacts[f"fm-{stage}-summary"].data
+    return "cached" if f"# {stage} — cached" in data else "built"
+
+
+@pytest.fixture(scope="module")
+def demo_params(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("demo-root")
+    return {"config": "demo", "overrides": [f"data_root={root}"]}
+
+
+def test_full_then_single_stage_rerun(fm_serve, demo_params):
+    env = fm_serve
+    stages = implemented_stages()
+    assert stages, "no stage is implemented"
+    deployment_run(env, "fm/full", demo_params)
+    artifacts, task_names = read_run(env, latest_flow_run_id(env, "fm/full"))
+    assert task_names == sorted(stages)
+    for stage in stages:
+        assert f"fm-{stage}-summary" in artifacts, f"{stage}: no summary artifact ({sorted(artifacts)})"
+        assert f"fm-{stage}-manifest" in artifacts
+        assert artifacts[f"fm-{stage}-manifest"].type == "link"
+        assert stage_state(artifacts, stage) == "built"
+        assert any(k.startswith(f"fm-{stage}-") and a.type == "table" for k, a in artifacts.items()), stage
+
+    # The whole pipeline again: everything is reused.
+    deployment_run(env, "fm/full", demo_params)
+    artifacts, _ = read_run(env, latest_flow_run_id(env, "fm/full"))
+    assert all(stage_state(artifacts, s) == "cached" for s in stages)
+
+    if "bucket" not in stages:
+        return
+    # fm/bucket alone with --force: only the bucket task runs.
+    deployment_run(env, "fm/bucket", {**demo_params, "force": True})
+    artifacts, task_names = read_run(env, latest_flow_run_id(env, "fm/bucket"))
+    assert task_names == ["bucket"] and stage_state(artifacts, "bucket") == "built"
+
+    # A changed bucket config: upstream stages are reused, bucket and every later stage rebuild.
+    changed = {**demo_params, "overrides": demo_params["overrides"] + ["bucket.seed=12345"]}
+    deployment_run(env, "fm/full", changed)
+    artifacts, _ = read_run(env, latest_flow_run_id(env, "fm/full"))
+    order = list(stages)
+    for stage in order:
+        expected = "built" if order.index(stage) >= order.index("bucket") else "cached"
+        assert stage_state(artifacts, stage) == expected, stage
