@@ -49,9 +49,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_file_server(config: str):
+    """Serve the config's data root read-only on loopback; flow runs learn the URL from the environment."""
+    from flows.fileserver import FileServer
+    from pipeline_config.load import load_config
+
+    cfg = load_config(config)
+    fs_cfg = cfg.runtime.file_server
+    server = FileServer(cfg.data_root, fs_cfg.host, fs_cfg.port).start()
+    os.environ["BOORUFLOW_FILES_URL"] = server.url
+    os.environ["BOORUFLOW_FILES_ROOT"] = str(Path(cfg.data_root).resolve())
+    print(f"serving {cfg.data_root} read-only at {server.url}")
+    return server
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deploy import serve_all
 
+    if args.files:
+        start_file_server(args.config)
     serve_all(args.config, limit=args.limit)
     return 0
 
@@ -64,6 +80,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.environ["PREFECT_API_URL"] = api_url
     if proc is not None:
         print(f"started a local Prefect server at {api_url} (pid {proc.pid}, log .data/prefect-server.log)")
+    if args.files:
+        start_file_server(args.config)
     print(f"UI: {api_url.removesuffix('/api')}  —  in another shell: "
           f"PREFECT_API_URL={api_url} prefect deployment run fm/full --watch")
     serve_all(args.config, limit=args.limit)
@@ -92,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", default="demo", help="default config of the deployments")
         p.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+        p.add_argument("--files", action=argparse.BooleanOptionalAction, default=name == "up",
+                       help="serve the data root read-only over HTTP for image artifacts (default: on for up)")
         p.set_defaults(func=func)
     return parser
 

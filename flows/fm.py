@@ -65,9 +65,13 @@ def load_prefect_secrets(cfg: PipelineConfig) -> None:
         register_secret(value)
 
 
-def file_base_url(cfg: PipelineConfig) -> str | None:
+def file_server(cfg: PipelineConfig) -> tuple[str, str] | None:
+    """(base URL, served root) of the data-root file server: set by `fm up`/`fm serve --files`."""
+    url, root = os.environ.get("BOORUFLOW_FILES_URL"), os.environ.get("BOORUFLOW_FILES_ROOT")
+    if url and root:
+        return url, root
     fs = cfg.runtime.file_server
-    return os.environ.get("BOORUFLOW_FILES_URL") or (f"http://{fs.host}:{fs.port}" if fs.enabled else None)
+    return (f"http://{fs.host}:{fs.port}", cfg.data_root) if fs.enabled else None
 
 
 @task(name="stage", retries=0, cache_policy=NO_CACHE)
@@ -78,7 +82,7 @@ def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     progress = ProgressReporter(stage)
     outcome = run_stage(stage_spec(stage), cfg, store, force=force, progress=progress, log=log)  # type: ignore[arg-type]
     progress.done()
-    publish_outcome(outcome, cfg.data_root, file_base_url(cfg))
+    publish_outcome(outcome, file_server(cfg))
     log.info("%s %s: %s", stage, "cached" if outcome.cached else "built", outcome.output_path)
     return {
         "stage": stage,

@@ -28,13 +28,18 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
 
 
-def file_link(outcome: StageOutcome, rel: str, file_base_url: str | None, data_root: str) -> str:
-    """An HTTP URL through the data-root file server when one runs, else a file:// URL or the path."""
+def file_link(outcome: StageOutcome, rel: str, files: tuple[str, str] | None) -> str:
+    """An HTTP URL through the data-root file server when it serves this output, else a file:// URL."""
     path = f"{outcome.output_path}/{rel}"
-    if file_base_url and outcome.output_path.startswith(data_root.rstrip("/")):
-        rel_to_root = path[len(data_root.rstrip("/")) + 1 :]
-        return f"{file_base_url.rstrip('/')}/{quote(rel_to_root)}"
-    return Path(path).resolve().as_uri() if "://" not in path else path
+    if "://" in path:
+        return path
+    local = Path(path).resolve()
+    if files:
+        base_url, served_root = files
+        root = Path(served_root).resolve()
+        if local.is_relative_to(root):
+            return f"{base_url.rstrip('/')}/{quote(local.relative_to(root).as_posix())}"
+    return local.as_uri()
 
 
 def _fmt(value: Any) -> str:
@@ -70,8 +75,8 @@ def summary_markdown(outcome: StageOutcome) -> str:
     return redact("\n".join(lines))
 
 
-def publish_outcome(outcome: StageOutcome, data_root: str, file_base_url: str | None = None) -> dict[str, str]:
-    """Create the summary, table, link and image artifacts of one stage. Returns key -> kind."""
+def publish_outcome(outcome: StageOutcome, files: tuple[str, str] | None = None) -> dict[str, str]:
+    """files: (base URL, served root folder) of the data-root file server, when one runs."""
     stage = outcome.manifest.stage
     made: dict[str, str] = {}
     key = artifact_key("fm", stage, "summary")
@@ -85,21 +90,21 @@ def publish_outcome(outcome: StageOutcome, data_root: str, file_base_url: str | 
         made[key] = "table"
     key = artifact_key("fm", stage, "manifest")
     create_link_artifact(
-        file_link(outcome, MANIFEST_NAME, file_base_url, data_root),
+        file_link(outcome, MANIFEST_NAME, files),
         link_text=f"{stage} manifest {outcome.manifest.fingerprint}",
         key=key,
     )
     made[key] = "link"
     images = outcome.report.images
     for caption, rel in images.items():
-        url = file_link(outcome, rel, file_base_url, data_root)
+        url = file_link(outcome, rel, files)
         key = artifact_key("fm", stage, "img", caption)
-        if file_base_url:
+        if files and url.startswith("http"):
             create_image_artifact(url, key=key, description=caption)
             made[key] = "image"
-    if images and not file_base_url:
+    if images and not any(v == "image" for v in made.values()):
         # Image artifacts need a URL the browser can fetch; without the file server link the paths.
-        body = "\n".join(f"- {caption}: [{rel}]({file_link(outcome, rel, None, data_root)})" for caption, rel in images.items())
+        body = "\n".join(f"- {caption}: [{rel}]({file_link(outcome, rel, None)})" for caption, rel in images.items())
         key = artifact_key("fm", stage, "images")
         create_markdown_artifact(f"# {stage} images\n\n{body}", key=key, description=f"{stage} images")
         made[key] = "markdown"
