@@ -88,6 +88,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files(args: argparse.Namespace) -> int:
+    import time
+
+    from flows.fileserver import FileServer
+
+    server = FileServer(args.root, args.host, args.port).start()
+    print(f"serving {args.root} read-only at {server.url} (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description="booruflow: Danbooru -> flow-matching SD1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--files", action=argparse.BooleanOptionalAction, default=name == "up",
                        help="serve the data root read-only over HTTP for image artifacts (default: on for up)")
         p.set_defaults(func=func)
+    p = sub.add_parser("files", help="serve a data root read-only over HTTP (for image artifacts)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4210)
+    p.set_defaults(func=cmd_files)
     return parser
 
 
