@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.files:
         start_file_server(args.config)
-    serve_all(args.config, limit=args.limit)
+    serve_all(args.config, limit=args.limit, gpu_slots=args.gpu_slots)
     return 0
 
 
@@ -84,7 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         start_file_server(args.config)
     print(f"UI: {api_url.removesuffix('/api')}  —  in another shell: "
           f"PREFECT_API_URL={api_url} prefect deployment run fm/full --watch")
-    serve_all(args.config, limit=args.limit)
+    serve_all(args.config, limit=args.limit, gpu_slots=args.gpu_slots)
     return 0
 
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", default="demo", help="default config of the deployments")
         p.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+        p.add_argument("--gpu-slots", type=int, default=1,
+                       help="GPU stages (tag, cache, train, eval) that may run at once on this host")
         p.add_argument("--files", action=argparse.BooleanOptionalAction, default=name == "up",
                        help="serve the data root read-only over HTTP for image artifacts (default: on for up)")
         p.set_defaults(func=func)

@@ -13,7 +13,7 @@ from flows.publish import ProgressReporter, publish_outcome
 from pipeline_config.load import load_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import install_redaction, register_secret
-from tasks.common.stage import run_stage
+from tasks.common.stage import StageOutcome, finish_stage, plan_shards, prepare_stage, reopen_stage
 from tasks.registry import DAG_ORDER, implemented_stages, stage_spec
 
 
@@ -74,23 +74,111 @@ def file_server(cfg: PipelineConfig) -> tuple[str, str] | None:
     return (f"http://{fs.host}:{fs.port}", cfg.data_root) if fs.enabled else None
 
 
-@task(name="stage", retries=0, cache_policy=NO_CACHE)
-def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    log = get_run_logger()
-    install_redaction()
-    store = ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
-    progress = ProgressReporter(stage)
-    outcome = run_stage(stage_spec(stage), cfg, store, force=force, progress=progress, log=log)  # type: ignore[arg-type]
-    progress.done()
-    publish_outcome(outcome, file_server(cfg))
-    log.info("%s %s: %s", stage, "cached" if outcome.cached else "built", outcome.output_path)
+GPU_STAGES = frozenset({"tag", "cache", "train", "eval"})
+GPU_LIMIT = "booruflow-gpu"  # a Prefect global concurrency limit; `fm serve` creates it (1 slot per host)
+
+
+def make_task_runner(cfg: PipelineConfig):
+    """The runner that executes a stage's shards: threads (default), Dask or Ray, by config."""
+    kind, address = cfg.runtime.task_runner, cfg.runtime.runner_address
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=cfg.runtime.max_workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ConfigError("runtime.task_runner=dask needs prefect-dask: pip install 'booruflow[dask]'") from exc
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runtime.max_workers, "threads_per_worker": 1})
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise ConfigError("runtime.task_runner=ray needs prefect-ray: pip install 'booruflow[ray]'") from exc
+    return RayTaskRunner(address=address) if address else RayTaskRunner()
+
+
+def _outcome_summary(stage: str, outcome: StageOutcome, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "stage": stage,
         "fingerprint": outcome.manifest.fingerprint,
         "cached": outcome.cached,
         "output": outcome.output_path,
         "row_counts": outcome.manifest.row_counts,
+        "shards": shards or [],
     }
+
+
+def _store(cfg: PipelineConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+
+
+def _publish(stage: str, cfg: PipelineConfig, outcome: StageOutcome) -> None:
+    publish_outcome(outcome, file_server(cfg))
+    get_run_logger().info("%s %s: %s", stage, "cached" if outcome.cached else "built", outcome.output_path)
+
+
+def _gpu_slot(stage: str):
+    """Hold the GPU concurrency slot so two runs never fight for one GPU (no-op without the limit)."""
+    from contextlib import nullcontext
+
+    if stage not in GPU_STAGES:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(GPU_LIMIT, occupy=1, strict=False)
+
+
+@task(name="stage", retries=0, cache_policy=NO_CACHE)
+def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
+    """Prepare a stage; unsharded stages also build, commit and publish here."""
+    install_redaction()
+    progress = ProgressReporter(stage)
+    with _gpu_slot(stage):
+        prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
+                                 log=get_run_logger())  # type: ignore[arg-type]
+        shards = plan_shards(prepared)
+        if shards:
+            return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards}
+        outcome = finish_stage(prepared)
+    progress.done()
+    _publish(stage, cfg, outcome)
+    return _outcome_summary(stage, outcome)
+
+
+@task(name="shard", retries=1, cache_policy=NO_CACHE)
+def shard_task(stage: str, cfg: PipelineConfig, fingerprint: str, shard: dict[str, Any]) -> dict[str, Any]:
+    """One shard of a stage, on whichever worker the task runner picks (idempotent, so retried safely)."""
+    install_redaction()
+    spec = stage_spec(stage)
+    prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+    return spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
+
+
+@task(name="merge", retries=0, cache_policy=NO_CACHE)
+def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    install_redaction()
+    with _gpu_slot(stage):
+        prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+        outcome = finish_stage(prepared, results)
+    _publish(stage, cfg, outcome)
+    return _outcome_summary(stage, outcome, results)
+
+
+def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """Map the stage's shards over the configured task runner, then merge into one contract."""
+    with make_task_runner(cfg) as runner:
+        futures = [
+            runner.submit(
+                shard_task.with_options(task_run_name=f"{stage}-shard-{i}"),
+                {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "shard": shard},
+            )
+            for i, shard in enumerate(info["shards"])
+        ]
+        results = [f.result() for f in futures]
+    return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
 
 
 @flow(name="fm", log_prints=True)
@@ -110,5 +198,6 @@ def fm(
     load_prefect_secrets(cfg)
     results = []
     for stage in todo:
-        results.append(stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force))
+        info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
+        results.append(run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info)
     return results

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_contracts.errors import ContractError
+from data_contracts.errors import ContractError, StageError
 from data_contracts.fingerprint import digest, stage_fingerprint
 from data_contracts.manifest import StageManifest
 from data_contracts.registry import manifest_class
@@ -58,6 +58,7 @@ class StageContext:
     fingerprint: str
     log: logging.Logger
     progress: ProgressFn
+    shard_results: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def section(self) -> Any:
@@ -72,6 +73,15 @@ class StageSpec:
     code_version: str
     build: Callable[[StageContext], StageResult]
     resumable: bool = False  # keep the work folder across kills (the stage journals its progress)
+    # What else decides the output besides the config section (e.g. sha256 of a model file the
+    # config only names by path): hashed into the fingerprint so a changed file reruns the stage.
+    fingerprint_extra: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    # Optional sharding: plan_shards(ctx) -> JSON-able shard descriptions; run_shard(ctx, shard) does one
+    # (idempotent, writing under ctx.work) and returns a JSON-able summary; build(ctx) then merges, with
+    # the summaries in ctx.shard_results. The flow maps run_shard over Prefect's task runner (threads,
+    # Dask, Ray); run_stage alone runs the shards in order.
+    plan_shards: Callable[[StageContext], list[dict[str, Any]]] | None = None
+    run_shard: Callable[[StageContext, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -94,10 +104,13 @@ def upstream_manifests(spec: StageSpec, store: ArtifactStore) -> dict[str, Stage
 
 def compute_fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
     cls = manifest_class(spec.name)
+    section = section_dict(cfg, spec.name)
+    if spec.fingerprint_extra is not None:
+        section = {**section, "_extra": spec.fingerprint_extra(cfg)}
     return stage_fingerprint(
         spec.name,
         cls.CONTRACT_VERSION,
-        section_dict(cfg, spec.name),
+        section,
         {name: m.fingerprint for name, m in upstream.items()},
         spec.code_version,
     )
@@ -110,6 +123,96 @@ def load_report(store: ArtifactStore, manifest: StageManifest) -> StageReport:
         return StageReport(summary_md=f"{manifest.stage} {manifest.fingerprint} (no report)")
 
 
+@dataclass
+class PreparedStage:
+    spec: StageSpec
+    ctx: StageContext
+    started: float
+    cached: StageOutcome | None  # set when a complete output with this fingerprint exists
+
+
+def prepare_stage(
+    spec: StageSpec,
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    *,
+    force: bool = False,
+    progress: ProgressFn = _noop_progress,
+    log: logging.Logger | None = None,
+) -> PreparedStage:
+    """Resolve upstream outputs and the fingerprint; reuse a complete output or open the work folder."""
+    log = log or logging.getLogger(f"booruflow.{spec.name}")
+    started = time.monotonic()
+    upstream = upstream_manifests(spec, store)
+    fp = compute_fingerprint(spec, cfg, upstream)
+    store.clean_incomplete(spec.name, keep={fp})
+    if store.is_complete(spec.name, fp) and not force:
+        manifest = store.read_manifest(manifest_class(spec.name), fp)
+        store.set_current(spec.name, fp)
+        log.info("%s: cached output %s", spec.name, fp)
+        outcome = StageOutcome(manifest, True, load_report(store, manifest), store.output_url(spec.name, fp), 0.0)
+        ctx = StageContext(spec.name, cfg, store, upstream, store.work_dir(spec.name, fp), fp, log, progress)
+        return PreparedStage(spec, ctx, started, outcome)
+    work = store.begin(spec.name, fp, resume=spec.resumable and not force)
+    log.info("%s: building %s in %s", spec.name, fp, work)
+    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, progress)
+    return PreparedStage(spec, ctx, started, None)
+
+
+def reopen_stage(
+    spec: StageSpec,
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    fingerprint: str,
+    *,
+    log: logging.Logger | None = None,
+) -> PreparedStage:
+    """The context of a stage prepared elsewhere (another task or worker): same work folder, no wipe."""
+    log = log or logging.getLogger(f"booruflow.{spec.name}")
+    upstream = upstream_manifests(spec, store)
+    fp = compute_fingerprint(spec, cfg, upstream)
+    if fp != fingerprint:
+        raise StageError(
+            f"{spec.name}: upstream outputs changed while the stage ran (fingerprint {fingerprint} -> {fp}); rerun it"
+        )
+    work = store.work_dir(spec.name, fp)
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, _noop_progress)
+    return PreparedStage(spec, ctx, time.monotonic(), None)
+
+
+def plan_shards(prepared: PreparedStage) -> list[dict[str, Any]]:
+    if prepared.cached is not None or prepared.spec.plan_shards is None:
+        return []
+    return prepared.spec.plan_shards(prepared.ctx)
+
+
+def finish_stage(prepared: PreparedStage, shard_results: list[dict[str, Any]] | None = None) -> StageOutcome:
+    """Merge (build), write the report, commit the manifest last."""
+    if prepared.cached is not None:
+        return prepared.cached
+    spec, ctx = prepared.spec, prepared.ctx
+    ctx.shard_results = shard_results or []
+    result = spec.build(ctx)
+    result.report.save(ctx.work)
+    cls = manifest_class(spec.name)
+    manifest = cls(
+        stage=spec.name,
+        contract_version=cls.CONTRACT_VERSION,
+        fingerprint=ctx.fingerprint,
+        upstream={name: m.fingerprint for name, m in ctx.upstream.items()},
+        config_digest=digest(section_dict(ctx.cfg, spec.name)),
+        code_version=spec.code_version,
+        row_counts=result.row_counts,
+        stats=result.stats,
+        **result.manifest_fields,
+    )
+    manifest = ctx.store.commit(manifest, ctx.work)
+    seconds = time.monotonic() - prepared.started
+    ctx.log.info("%s: wrote %s in %.1fs", spec.name, ctx.fingerprint, seconds)
+    return StageOutcome(manifest, False, result.report, ctx.store.output_url(spec.name, ctx.fingerprint), seconds)
+
+
 def run_stage(
     spec: StageSpec,
     cfg: PipelineConfig,
@@ -119,35 +222,11 @@ def run_stage(
     progress: ProgressFn = _noop_progress,
     log: logging.Logger | None = None,
 ) -> StageOutcome:
-    log = log or logging.getLogger(f"booruflow.{spec.name}")
-    started = time.monotonic()
-    upstream = upstream_manifests(spec, store)
-    fp = compute_fingerprint(spec, cfg, upstream)
-    cls = manifest_class(spec.name)
-    store.clean_incomplete(spec.name, keep={fp})
-    if store.is_complete(spec.name, fp) and not force:
-        manifest = store.read_manifest(cls, fp)
-        store.set_current(spec.name, fp)
-        log.info("%s: cached output %s", spec.name, fp)
-        return StageOutcome(manifest, True, load_report(store, manifest), store.output_url(spec.name, fp), 0.0)
-
-    work = store.begin(spec.name, fp, resume=spec.resumable and not force)
-    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, progress)
-    log.info("%s: building %s in %s", spec.name, fp, work)
-    result = spec.build(ctx)
-    result.report.save(work)
-    manifest = cls(
-        stage=spec.name,
-        contract_version=cls.CONTRACT_VERSION,
-        fingerprint=fp,
-        upstream={name: m.fingerprint for name, m in upstream.items()},
-        config_digest=digest(section_dict(cfg, spec.name)),
-        code_version=spec.code_version,
-        row_counts=result.row_counts,
-        stats=result.stats,
-        **result.manifest_fields,
-    )
-    manifest = store.commit(manifest, work)
-    seconds = time.monotonic() - started
-    log.info("%s: wrote %s in %.1fs", spec.name, fp, seconds)
-    return StageOutcome(manifest, False, result.report, store.output_url(spec.name, fp), seconds)
+    """Run one stage start to finish in this process (shards, if any, one after another)."""
+    prepared = prepare_stage(spec, cfg, store, force=force, progress=progress, log=log)
+    shards = plan_shards(prepared)
+    results = []
+    for i, shard in enumerate(shards):
+        results.append(spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]
+        progress((i + 1) / max(1, len(shards)), f"shard {i + 1}/{len(shards)}")
+    return finish_stage(prepared, results)
