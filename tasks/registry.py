@@ -7,7 +7,10 @@ from tasks.common.stage import StageSpec
 
 DAG_ORDER = ("ingest", "tag", "quality", "bucket", "cache", "train")
 # stage -> module exposing SPEC; add a stage here when its implementation lands.
-_MODULES: dict[str, str] = {}
+_MODULES: dict[str, str] = {
+    "quality": "tasks.quality.stage",
+    "bucket": "tasks.bucket.stage",
+}
 
 
 def implemented_stages() -> list[str]:

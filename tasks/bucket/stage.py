@@ -1,0 +1,202 @@
+"""The bucket stage: quality survivors + ingest sizes -> buckets.parquet (bucket, resize, crop, flip).
+
+Samples are the ids in the quality stage's quality.parquet; original sizes come from the ingest
+stage's posts.parquet. Crop boxes are in pixels of the resized image (resize_w x resize_h); the
+cache stage resizes to that size, crops [left, right) x [top, bottom), then flips when `flip`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from data_contracts.bucket import BUCKETS_SCHEMA
+from data_contracts.errors import ContractError, StageError
+from data_contracts.ingest import POSTS_SCHEMA
+from data_contracts.manifest import StageManifest
+from data_contracts.quality import QUALITY_SCHEMA
+from data_contracts.store import ArtifactStore
+from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
+from pipeline_config.bucket import BucketConfig
+from tasks.bucket import core
+from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+
+CODE_VERSION = "bucket-1"
+BUCKETS_FILE = "buckets.parquet"
+REJECTS_FILE = "rejects.parquet"
+HISTOGRAM_FILE = "aspect_ratio_histogram.png"
+
+
+def read_upstream(
+    store: ArtifactStore, manifest: StageManifest, name: str, schema: pa.Schema, columns: list[str]
+) -> pa.Table:
+    """`<name>.parquet`, or every `<name>/*.parquet` shard, of an upstream output (schema-checked)."""
+    listed = {f.path for f in manifest.files}
+    if f"{name}.parquet" in listed:
+        rels = [f"{name}.parquet"]
+    else:
+        rels = sorted(f.path for f in manifest.files_under(f"{name}/") if f.path.endswith(".parquet"))
+    if not rels:
+        raise ContractError(
+            f"{manifest.stage}/{manifest.fingerprint}: manifest lists no {name}.parquet (nor {name}/*.parquet); "
+            f"rerun `fm run {manifest.stage}`"
+        )
+    parts = [
+        read_table(store.path(manifest, rel), schema, f"{manifest.stage}/{manifest.fingerprint}/{rel}", columns)
+        for rel in rels
+    ]
+    return pa.concat_tables(parts)
+
+
+def _sizes(posts: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(width, height, found) per id; a missing post or null size comes back as NaN."""
+    post_ids = posts.column("id").to_numpy()
+    if len(post_ids) == 0:
+        nan = np.full(len(ids), np.nan)
+        return nan, nan.copy(), np.zeros(len(ids), bool)
+    order = np.argsort(post_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(post_ids[order], ids), len(post_ids) - 1)
+    rows = order[pos]
+    found = post_ids[rows] == ids
+    w = posts.column("width").to_numpy(zero_copy_only=False).astype(np.float64)[rows]
+    h = posts.column("height").to_numpy(zero_copy_only=False).astype(np.float64)[rows]
+    return w, h, found
+
+
+def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tuple[pa.Table, pa.Table, dict, StageReport]:
+    """Pure table-in/table-out core of the stage: (buckets, rejects, manifest-level info, report)."""
+    ids = np.unique(quality.column("id").to_numpy())
+    w, h, found = _sizes(posts, ids)
+    pre_rejects = [
+        {"id": int(i), "reason": "no_metadata", "detail": "id is in quality.parquet but not in the ingest posts"}
+        for i in ids[~found]
+    ]
+    predefined = [] if cfg.no_upscale else core.make_buckets(cfg)
+    a = core.assign(ids[found], w[found], h[found], cfg, predefined or None)
+    rejects = sorted(pre_rejects + a.rejects, key=lambda r: r["id"])
+    if len(a.ids) == 0:
+        reasons = Counter(r["reason"] for r in rejects)
+        raise StageError(
+            f"bucket: no sample left out of {len(ids)} (rejects: {dict(reasons)}); "
+            "lower bucket.min_image_side, set bucket.small_images=upscale or bucket.small_buckets=merge"
+        )
+    table = pa.table(
+        {
+            "id": a.ids, "width": a.width, "height": a.height, "bucket_w": a.bucket_w, "bucket_h": a.bucket_h,
+            "resize_w": a.resize_w, "resize_h": a.resize_h, "crop_left": a.crop_left, "crop_top": a.crop_top,
+            "crop_right": a.crop_right, "crop_bottom": a.crop_bottom, "flip": a.flip,
+        }
+    ).cast(BUCKETS_SCHEMA)
+    rejects_table = pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA)
+
+    final = a.final_counts()
+    generated = predefined or sorted(set(final))
+    bucket_rows = []
+    for b in sorted(set(generated) | set(a.initial_counts)):
+        target = a.mapping.get(b)
+        n_initial = a.initial_counts.get(b, 0)
+        merged_into = ""
+        if n_initial and target is None:
+            merged_into = "(dropped)"
+        elif n_initial and target != b:
+            merged_into = target.name
+        bucket_rows.append(
+            {
+                "bucket": b.name, "width": b.width, "height": b.height, "aspect": round(b.aspect, 4),
+                "assigned": n_initial, "count": final.get(b, 0),
+                "merged_into": merged_into,
+            }
+        )
+    histogram = core.ar_histogram(a.width, a.height, cfg.histogram_bins)
+    upscaled = int(((a.resize_w > a.width) | (a.resize_h > a.height)).sum())
+    kept_px = (a.bucket_w * a.bucket_h).astype(np.float64) / (a.resize_w * a.resize_h)
+    reasons = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    stats = {
+        "bucket_table": bucket_rows,
+        "aspect_ratio_histogram": histogram,
+        "threshold": cfg.bucket_threshold,
+        "merged": {r["bucket"]: r["merged_into"] for r in bucket_rows if r["merged_into"]},
+        "reject_reasons": reasons,
+        "upscaled": upscaled,
+        "mean_kept_fraction": round(float(kept_px.mean()), 4),  # crop keeps this share of the pixels
+        "flipped": int(a.flip.sum()),
+    }
+    used = [r for r in bucket_rows if r["count"]]
+    lines = [
+        f"### bucket: {len(a.ids)} samples in {len(used)} buckets"
+        f" ({'no_upscale' if cfg.no_upscale else f'{len(generated)} generated'}), {len(rejects)} rejected",
+        f"area {cfg.resolution}², step {cfg.step}, sides {cfg.min_side}..{cfg.max_side}; "
+        f"min samples per bucket {cfg.bucket_threshold} ({cfg.small_buckets}); crop {cfg.crop}; "
+        f"flip p={cfg.flip_prob}; {upscaled} upscaled; crops keep {kept_px.mean():.1%} of the pixels",
+        "",
+        "| bucket | aspect | count | merged from |",
+        "|---|---|---|---|",
+    ]
+    for r in used:
+        sources = [s["bucket"] for s in bucket_rows if s["merged_into"] == r["bucket"]]
+        lines.append(f"| {r['bucket']} | {r['aspect']} | {r['count']} | {', '.join(sources)} |")
+    if reasons:
+        lines += ["", "Rejects: " + ", ".join(f"{k} {v}" for k, v in reasons.items())]
+    report = StageReport(
+        summary_md="\n".join(lines),
+        tables={"bucket-table": bucket_rows, "bucket-aspect-histogram": histogram},
+    )
+    info = {
+        "buckets": [(b.width, b.height) for b in generated],
+        "bucket_counts": {b.name: n for b, n in final.items()},
+        "stats": stats,
+    }
+    return table, rejects_table, info, report
+
+
+def plot_histogram(width: np.ndarray, height: np.ndarray, final: dict[str, int], path) -> None:
+    """Aspect-ratio histogram of the images with the used buckets' aspect ratios marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+    ax.hist(np.log2(width / height), bins=64, range=(-2, 2), color="#4477aa")
+    for name in final:
+        bw, bh = (int(v) for v in name.split("x"))
+        ax.axvline(np.log2(bw / bh), color="#cc6677", lw=0.8)
+    ticks = [-2, -1, -0.415, 0, 0.415, 1, 2]
+    ax.set_xticks(ticks, ["1:4", "1:2", "3:4", "1:1", "4:3", "2:1", "4:1"])
+    ax.set_xlabel("aspect ratio w:h (log scale); red lines: buckets in use")
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")  # the store never lists *.tmp
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def build(ctx: StageContext) -> StageResult:
+    cfg: BucketConfig = ctx.section
+    ctx.progress(0.0, "reading quality and posts")
+    quality = read_upstream(ctx.store, ctx.upstream["quality"], "quality", QUALITY_SCHEMA, ["id"])
+    posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "width", "height"])
+    ctx.progress(0.3, f"bucketing {quality.num_rows} samples")
+    table, rejects, info, report = build_buckets(posts, quality, cfg)
+    write_table(table, ctx.work / BUCKETS_FILE, BUCKETS_SCHEMA)
+    write_table(rejects, ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
+    plot_histogram(
+        table.column("width").to_numpy().astype(np.float64),
+        table.column("height").to_numpy().astype(np.float64),
+        info["bucket_counts"],
+        ctx.work / HISTOGRAM_FILE,
+    )
+    report.images["aspect-ratio histogram"] = HISTOGRAM_FILE
+    ctx.progress(1.0, "done")
+    ctx.log.info("bucket: %s", info["bucket_counts"])
+    return StageResult(
+        row_counts={"buckets": table.num_rows, "rejects": rejects.num_rows},
+        stats=info["stats"],
+        manifest_fields={"buckets": info["buckets"], "bucket_counts": info["bucket_counts"]},
+        report=report,
+    )
+
+
+SPEC = StageSpec(name="bucket", upstream=("ingest", "quality"), code_version=CODE_VERSION, build=build)
