@@ -1,0 +1,775 @@
+"""Generate a deterministic "mini-booru": Danbooru-shaped posts, their images, the tag table and ground truth.
+
+Layout of a generated folder (`generate_minibooru(out_dir, ...)`):
+
+    posts.jsonl      one post per line, ids ascending (newest last), in the CURRENT Danbooru /posts.json field set
+                     and key order (media_asset with variants, tag_string_* per category, tag_count_*), as an
+                     anonymous/Member viewer gets it. URLs are host-relative:
+                       file_url          /data/original/<md5[0:2]>/<md5[2:4]>/<md5>.<file_ext>
+                       large_file_url    /data/sample/<..>/<..>/sample-<md5>.jpg when has_large (width > 850),
+                                         sample-<md5>.webm for ugoira (zip; not served), else = file_url
+                       preview_file_url  /data/180x180/<..>/<..>/<md5>.jpg (null for swf)
+                     the server prefixes its own base URL when serving. Posts the viewer may not see (banned,
+                     restricted) carry no md5/file_url/large_file_url/preview_file_url and their media_asset no
+                     md5/variants, exactly like the API; no file is generated for them.
+    tags.json        /tags.json records (id, name, post_count, category, created_at, updated_at, is_deprecated,
+                     words); post_count counts the generated posts (deleted ones included, as on Danbooru).
+    images/<md5>.<ext>   the original file of every visible post (videos/ugoira/flash are opaque bytes that no
+                     image decoder opens; ugoira is a real zip of JPEG frames).
+    truth.json       {"posts": {"<id>": {characters, series, artist, general (every true general tag, before
+                     the random dropping that imitates incomplete Danbooru tagging), md5 (a stand-in for hidden
+                     posts), file_ext, has_file, composition, background, rating, hidden, year}},
+                     "characters": {tag: {series, look}}, "series": {...}, "artists": {tag: {style}}}
+    minibooru.json   the completion marker, written last: parameters, counts, universe lists.
+
+"highres"/"absurdres" thresholds scale with max_side (1600x1200 / 3200x2400 with max_side playing 3400 px), so a
+768 px mini-booru still has both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .render import COLOURS, Figure, Look, Scene, Style, placeholder, render_scene
+
+MARKER = "minibooru.json"
+GENERATOR_VERSION = 1
+MIN_YEAR, MAX_YEAR = 2005, 2026
+_END = datetime(2026, 10, 31, tzinfo=timezone.utc)
+
+# --------------------------------------------------------------------------------------------- universe
+
+
+@dataclass(frozen=True)
+class Series:
+    tag: str
+    background: str  # render.draw_background kind
+    bg_tags: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]
+    tint: str  # colour word of the palette's base, used for "<tint>_background"
+    weight: float
+
+
+@dataclass(frozen=True)
+class Character:
+    tag: str
+    series: str
+    look: Look
+    weight: float
+
+
+@dataclass(frozen=True)
+class Artist:
+    tag: str
+    style: Style
+    weight: float
+
+
+SERIES: tuple[Series, ...] = (
+    Series("starlit_stage", "stars", ("night_sky", "starry_sky", "sky", "night", "outdoors"),
+           ((44, 40, 120), (120, 80, 200), (255, 236, 140)), "blue", 1.3),
+    Series("hanasaki_gakuen", "petals", ("cherry_blossoms", "petals", "tree", "outdoors"),
+           ((250, 190, 214), (255, 150, 190), (255, 255, 255)), "pink", 1.1),
+    Series("azure_tides", "waves", ("ocean", "sky", "horizon", "sun", "outdoors"),
+           ((30, 110, 190), (120, 200, 240), (255, 255, 255)), "blue", 0.8),
+    Series("neon_district_77", "city", ("cityscape", "building", "night", "outdoors"),
+           ((250, 120, 60), (110, 40, 140), (255, 240, 120)), "orange", 1.0),
+    Series("verdant_saga", "forest", ("forest", "nature", "tree", "outdoors"),
+           ((90, 160, 90), (30, 110, 60), (70, 140, 50)), "green", 0.9),
+    Series("houkago_diary", "classroom", ("classroom", "indoors", "chalkboard", "window"),
+           ((236, 220, 190), (150, 100, 60), (255, 255, 255)), "yellow", 1.0),
+)
+
+CHARACTERS: tuple[Character, ...] = (
+    Character("aoi_kanata_(starlit_stage)", "starlit_stage",
+              Look("blue", "long", "yellow", "dress", "white", "star_hair_ornament", "yellow"), 1.6),
+    Character("hoshino_mirai_(starlit_stage)", "starlit_stage",
+              Look("pink", "twintails", "blue", "dress", "pink", "hair_ribbon", "red"), 1.3),
+    Character("kurosaki_ren_(starlit_stage)", "starlit_stage",
+              Look("black", "short", "red", "jacket", "black", "headphones", "red", male=True), 0.7),
+    Character("momoi_hana_(hanasaki_gakuen)", "hanasaki_gakuen",
+              Look("brown", "medium", "green", "school_uniform", "navy", "hair_flower", "pink"), 1.2),
+    Character("shiraishi_yuki_(hanasaki_gakuen)", "hanasaki_gakuen",
+              Look("white", "long", "red", "kimono", "red", "hairband", "blue"), 1.0),
+    Character("minato_shizuku_(azure_tides)", "azure_tides",
+              Look("aqua", "ponytail", "purple", "hoodie", "white", "hair_ribbon", "blue"), 1.0),
+    Character("kaito_(azure_tides)", "azure_tides",
+              Look("orange", "short", "blue", "hoodie", "blue", "goggles", "orange", male=True), 0.6),
+    Character("akane_(neon_district_77)", "neon_district_77",
+              Look("red", "short", "yellow", "jacket", "black", "glasses", "blue"), 1.1),
+    Character("lila_(neon_district_77)", "neon_district_77",
+              Look("green", "twintails", "pink", "hoodie", "purple", "cat_ears"), 0.9),
+    Character("vex_(neon_district_77)", "neon_district_77",
+              Look("purple", "short", "green", "armor", "purple", "none", male=True), 0.5),
+    Character("elenore_(verdant_saga)", "verdant_saga",
+              Look("blonde", "long", "green", "armor", "blue", "hairband", "red"), 1.2),
+    Character("sylph_(verdant_saga)", "verdant_saga",
+              Look("grey", "medium", "aqua", "dress", "green", "witch_hat", "purple"), 0.8),
+    Character("tachibana_mei_(houkago_diary)", "houkago_diary",
+              Look("black", "long", "brown", "school_uniform", "navy", "glasses", "red"), 1.0),
+    Character("kuroe_rin_(houkago_diary)", "houkago_diary",
+              Look("purple", "ponytail", "red", "maid", "black", "hair_ribbon", "white"), 0.9),
+)
+
+ARTISTS: tuple[Artist, ...] = (
+    Artist("kumoi_tsubasa", Style(line=1.5, shading="flat", jpeg_quality=92), 1.3),
+    Artist("nekomata_(nekomata_works)", Style(line=3.5, shading="cel", posterize_bits=0, hue_shift_deg=-8,
+                                               saturation=1.15, jpeg_quality=90), 1.0),
+    Artist("hoshizora_pen", Style(line=0.0, shading="gradient", saturation=0.85, grain=6.0, jpeg_quality=93), 1.0),
+    Artist("mizuiro_32", Style(line=2.0, line_rgb=(90, 50, 40), shading="gradient", posterize_bits=4,
+                               hue_shift_deg=10, jpeg_quality=88), 0.8),
+    Artist("kageyama_k", Style(line=1.0, shading="cel", grain=10.0, saturation=1.05, jpeg_quality=94), 0.7),
+)
+
+# Tag spellings the truth uses for traits (all real Danbooru tags).
+HAIR_COLOUR_TAG = {c: f"{c}_hair" for c in COLOURS}
+EYE_TAG = {c: f"{c}_eyes" for c in COLOURS}
+CUT_TAGS = {
+    "short": ("short_hair",),
+    "medium": ("medium_hair",),
+    "long": ("long_hair",),
+    "twintails": ("twintails", "long_hair"),
+    "ponytail": ("ponytail", "long_hair"),
+}
+OUTFIT_TAGS = {
+    "school_uniform": ("school_uniform", "serafuku", "sailor_collar", "neckerchief", "red_neckerchief"),
+    "dress": ("dress", "{c}_dress", "puffy_sleeves", "frills"),
+    "hoodie": ("hoodie", "{c}_hoodie", "hood_down", "drawstring", "long_sleeves"),
+    "armor": ("armor", "breastplate", "shoulder_armor"),
+    "kimono": ("japanese_clothes", "kimono", "{c}_kimono", "obi", "sash", "wide_sleeves"),
+    "maid": ("maid", "apron", "black_dress", "dress"),
+    "jacket": ("jacket", "{c}_jacket", "shirt", "white_shirt", "collared_shirt", "necktie", "red_necktie"),
+}
+LOWER_TAGS = {  # only visible when the legs are in frame
+    "school_uniform": ("skirt", "pleated_skirt"),
+    "kimono": (),
+    "dress": (),
+    "maid": (),
+}
+ACCESSORY_TAGS = {
+    "hair_ribbon": ("hair_ribbon", "hair_bow", "{c}_ribbon"),
+    "hairband": ("hairband", "{c}_hairband"),
+    "witch_hat": ("hat", "witch_hat"),
+    "glasses": ("glasses", "{c}-framed_eyewear"),
+    "hair_flower": ("hair_flower", "hair_ornament", "flower"),
+    "cat_ears": ("animal_ears", "cat_ears"),
+    "headphones": ("headphones",),
+    "star_hair_ornament": ("hair_ornament", "star_hair_ornament"),
+    "goggles": ("goggles", "goggles_on_head"),
+    "none": (),
+}
+COMPOSITION_TAGS = {"portrait": ("portrait",), "upper_body": ("upper_body",), "cowboy_shot": ("cowboy_shot",),
+                    "full_body": ("full_body", "standing")}
+TAG_CATEGORY = {"general": 0, "artist": 1, "copyright": 3, "character": 4, "meta": 5}
+UNSUPPORTED_EXTS = ("mp4", "zip", "swf")
+
+
+def look_tags(look: Look, composition: str, closed_eyes: bool) -> list[str]:
+    """The general tags a character's visible traits earn (Danbooru spelling)."""
+    tags = [HAIR_COLOUR_TAG[look.hair], *CUT_TAGS[look.cut]]
+    if not closed_eyes:
+        tags.append(EYE_TAG[look.eyes])
+    for t in OUTFIT_TAGS[look.outfit]:
+        tags.append(t.format(c=look.outfit_colour))
+    if composition in ("cowboy_shot", "full_body"):
+        tags.extend(LOWER_TAGS.get(look.outfit, ("pants",) if look.male else ("shorts",)))
+        if not look.male and look.outfit not in ("hoodie", "armor", "jacket"):
+            tags.append("legs")
+    for t in ACCESSORY_TAGS[look.accessory]:
+        tags.append(t.format(c=look.accessory_colour))
+    if look.male:
+        tags.append("male_focus")
+    return tags
+
+
+# -------------------------------------------------------------------------------------------- the result
+
+
+@dataclass
+class MiniBooru:
+    """A generated mini-booru folder."""
+
+    root: Path
+    n_posts: int
+    seed: int
+    max_side: int
+    characters: list[str] = field(default_factory=list)
+    series: list[str] = field(default_factory=list)
+    artists: list[str] = field(default_factory=list)
+
+    @property
+    def posts_path(self) -> Path:
+        return self.root / "posts.jsonl"
+
+    @property
+    def tags_path(self) -> Path:
+        return self.root / "tags.json"
+
+    @property
+    def truth_path(self) -> Path:
+        return self.root / "truth.json"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def load_posts(self) -> list[dict]:
+        with self.posts_path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def load_tags(self) -> list[dict]:
+        return json.loads(self.tags_path.read_text(encoding="utf-8"))
+
+    def load_truth(self) -> dict:
+        """{"posts": {"<id>": {...}}, "characters": {...}, "series": {...}, "artists": {...}}"""
+        return json.loads(self.truth_path.read_text(encoding="utf-8"))
+
+    def image_path(self, md5: str, ext: str) -> Path:
+        return self.images_dir / f"{md5}.{ext}"
+
+    @classmethod
+    def open(cls, root: Path) -> "MiniBooru":
+        meta = json.loads((Path(root) / MARKER).read_text(encoding="utf-8"))
+        return cls(Path(root), meta["n_posts"], meta["seed"], meta["max_side"], meta["characters"], meta["series"],
+                   meta["artists"])
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def _params(n_posts: int, seed: int, max_side: int) -> dict:
+    return {"n_posts": n_posts, "seed": seed, "max_side": max_side, "version": GENERATOR_VERSION}
+
+
+def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_side: int = 768) -> MiniBooru:
+    """Generate (or reuse) a mini-booru in `out_dir`; deterministic by (n_posts, seed, max_side)."""
+    out_dir = Path(out_dir)
+    if n_posts < 1:
+        raise ValueError("n_posts must be >= 1")
+    if max_side < 64:
+        raise ValueError("max_side must be >= 64")
+    marker = out_dir / MARKER
+    if marker.exists():
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+        if {k: meta.get(k) for k in ("n_posts", "seed", "max_side", "version")} == _params(n_posts, seed, max_side):
+            return MiniBooru.open(out_dir)
+        marker.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = out_dir / "images"
+    if images.exists():  # a different or interrupted generation: start clean
+        shutil.rmtree(images)
+    images.mkdir()
+
+    plans = _plan_posts(n_posts, seed, max_side)
+    posts: list[dict] = []
+    truth_posts: dict[str, dict] = {}
+    for plan in plans:
+        post, truth = _materialise(plan, images, max_side)
+        posts.append(post)
+        truth_posts[str(post["id"])] = truth
+    _link_parents(posts, plans)
+
+    _atomic_write(out_dir / "posts.jsonl", "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in posts))
+    _atomic_write(out_dir / "tags.json", json.dumps(build_tags(posts), indent=0))
+    truth = {
+        "posts": truth_posts,
+        "characters": {c.tag: {"series": c.series, "look": c.look.__dict__} for c in CHARACTERS},
+        "series": {s.tag: {"background": s.background, "palette": s.palette} for s in SERIES},
+        "artists": {a.tag: {"style": a.style.__dict__} for a in ARTISTS},
+    }
+    _atomic_write(out_dir / "truth.json", json.dumps(truth))
+    meta = {**_params(n_posts, seed, max_side), "characters": [c.tag for c in CHARACTERS],
+            "series": [s.tag for s in SERIES], "artists": [a.tag for a in ARTISTS],
+            "posts_with_images": sum(1 for p in posts if "md5" in p), "ids": [posts[0]["id"], posts[-1]["id"]]}
+    _atomic_write(marker, json.dumps(meta, indent=1))
+    return MiniBooru.open(out_dir)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# Specials each generation has at least once (when n_posts allows), so small test boorus cover every path.
+_FORCED = ("png_rgba", "webp", "png", "gif", "mp4", "zip", "swf", "comic", "small", "small", "tall", "wide",
+           "deleted", "deleted", "banned", "restricted", "restricted", "multi", "original", "square")
+
+
+_FILE_ROLES = {"png_rgba", "webp", "png", "gif", "mp4", "zip", "swf", "comic", "small", "tall", "wide", "square"}
+
+
+def _plan_posts(n: int, seed: int, max_side: int) -> list[dict]:
+    rng = np.random.default_rng([seed, n, max_side, 0x6D62])
+    # created_at: more posts in later years; ids follow time with random gaps
+    years = np.arange(MIN_YEAR, MAX_YEAR + 1)
+    yw = np.exp(0.13 * (years - MIN_YEAR))
+    yw /= yw.sum()
+    year_of = rng.choice(years, size=n, p=yw)
+    stamps = []
+    for y in year_of:
+        y0 = datetime(int(y), 1, 1, tzinfo=timezone.utc)
+        y1 = min(datetime(int(y) + 1, 1, 1, tzinfo=timezone.utc), _END)
+        stamps.append(y0 + timedelta(seconds=float(rng.uniform(0, (y1 - y0).total_seconds()))))
+    stamps.sort()
+    ids = 1000 + np.cumsum(rng.integers(1, 60, size=n))
+
+    roles: dict[int, str] = {}
+    if n >= 8:
+        forced = _FORCED[: max(0, min(len(_FORCED), n // 3))]
+        for idx, role in zip(rng.permutation(n)[: len(forced)], forced):
+            roles[int(idx)] = role
+
+    cw = np.array([c.weight for c in CHARACTERS])
+    aw = np.array([a.weight for a in ARTISTS])
+    plans = []
+    for i in range(n):
+        role = roles.get(i, "")
+        u = rng.random()
+        if not role:
+            if u < 0.02:
+                role = "png"
+            elif u < 0.045:
+                role = "webp"
+            elif u < 0.05:
+                role = "gif"
+            elif u < 0.06:
+                role = "mp4"
+            elif u < 0.066:
+                role = "zip"
+            elif u < 0.069:
+                role = "swf"
+            elif u < 0.09:
+                role = "comic"
+            elif u < 0.11:
+                role = "small"
+            elif u < 0.12:
+                role = "tall" if rng.random() < 0.5 else "wide"
+        year = stamps[i].year
+        char_idx = int(rng.choice(len(CHARACTERS), p=cw / cw.sum()))
+        ch = CHARACTERS[char_idx]
+        characters = [ch]
+        original = role == "original" or (not role and rng.random() < 0.05)
+        if original:
+            characters = []
+        elif role == "multi" or rng.random() < 0.1:
+            mates = [c for c in CHARACTERS if c.series == ch.series and c.tag != ch.tag]
+            if mates:
+                characters.append(mates[int(rng.integers(len(mates)))])
+        series = next(s for s in SERIES if s.tag == ch.series)
+        artist = ARTISTS[int(rng.choice(len(ARTISTS), p=aw / aw.sum()))]
+
+        # status flags (independent of the image kind, except forced roles)
+        deleted = role == "deleted" or rng.random() < 0.035
+        banned = role == "banned" or rng.random() < 0.008
+        restricted = role == "restricted" or rng.random() < 0.015
+        if role in _FILE_ROLES:  # keep every forced file kind visible
+            banned = restricted = False
+
+        rating = str(rng.choice(["g", "s", "q", "e"], p=[0.5, 0.31, 0.12, 0.07]))
+        # heavy-tailed score whose median grows with the year; explicit/questionable score a bit higher
+        mu = 0.2 + 0.17 * (year - MIN_YEAR) + {"g": 0.0, "s": 0.15, "q": 0.3, "e": 0.45}[rating]
+        score = int(np.floor(np.exp(rng.normal(mu, 0.95))))
+        if rng.random() < 0.02:
+            score = int(score * rng.uniform(4, 12))  # viral posts
+        if deleted:
+            score = int(score * 0.3) - int(rng.integers(0, 4))
+        down = -int(rng.poisson(0.05 + 0.02 * (year - MIN_YEAR) + (1.5 if deleted else 0)))
+        up = max(0, score - down)
+        score = up + down
+        fav = max(0, int(round(up * rng.uniform(0.8, 1.6) + rng.poisson(0.5 + 0.1 * (year - MIN_YEAR)))))
+
+        plans.append({
+            "index": i, "id": int(ids[i]), "created": stamps[i], "role": role, "series": series, "characters": characters,
+            "artist": artist, "rating": rating, "score": score, "up": up, "down": down, "fav": fav,
+            "deleted": deleted, "banned": banned, "restricted": restricted and not banned, "original": original,
+            "seed": int(rng.integers(0, 2**31 - 1)), "max_side": max_side,
+        })
+    return plans
+
+
+def _size(rng: np.random.Generator, role: str, max_side: int) -> tuple[int, int]:
+    if role == "tall":
+        ratio = rng.uniform(2.6, 3.5)
+        h = max_side
+        return max(32, int(h / ratio)), h
+    if role == "wide":
+        ratio = rng.uniform(2.6, 3.5)
+        w = max_side
+        return w, max(32, int(w / ratio))
+    u = rng.random()
+    if role == "square" or (not role and 0.6 <= u < 0.75):
+        ratio = 1.0
+    elif u < 0.6:
+        ratio = float(rng.choice([2 / 3, 3 / 4, 4 / 5, 9 / 16, 0.7]))  # portrait (w/h)
+    else:
+        ratio = float(rng.choice([3 / 2, 4 / 3, 16 / 9, 1.25]))
+    long_side = int(rng.integers(110, 250)) if role == "small" else int(rng.uniform(0.55, 1.0) * max_side)
+    long_side = max(64, long_side) if role != "small" else long_side
+    if ratio <= 1:
+        return max(16, int(round(long_side * ratio))), long_side
+    return long_side, max(16, int(round(long_side / ratio)))
+
+
+def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
+    """Render the post's file (if any) and build its Danbooru record + ground truth."""
+    rng = np.random.default_rng(plan["seed"])
+    role = plan["role"]
+    series: Series = plan["series"]
+    artist: Artist = plan["artist"]
+    chars: list[Character] = plan["characters"]
+    width, height = _size(rng, role, max_side)
+
+    composition = str(rng.choice(["portrait", "upper_body", "cowboy_shot", "full_body"], p=[0.2, 0.45, 0.2, 0.15]))
+    if height < width * 0.6 and composition in ("cowboy_shot", "full_body"):
+        composition = "upper_body"
+    u = rng.random()
+    if role == "png_rgba":
+        background = "transparent"
+    elif u < 0.55:
+        background = series.background
+    elif u < 0.75:
+        background = "white"
+    elif u < 0.85:
+        background = "grey"
+    elif u < 0.93:
+        background = "colour"
+    else:
+        background = "gradient"
+
+    looks: list[Look] = [c.look for c in chars]
+    if not looks:  # an original character with random traits
+        male = rng.random() < 0.2
+        looks = [Look(hair=str(rng.choice(list(HAIR_COLOUR_TAG))), cut=str(rng.choice(list(CUT_TAGS))),
+                      eyes=str(rng.choice(["blue", "red", "green", "purple", "yellow", "brown"])),
+                      outfit=str(rng.choice(list(OUTFIT_TAGS))), outfit_colour=str(rng.choice(["white", "black", "blue", "red"])),
+                      accessory=str(rng.choice(list(ACCESSORY_TAGS))), accessory_colour="red", male=male)]
+    figures = []
+    general: list[str] = []
+    for lk in looks:
+        expression = str(rng.choice(["smile", "open_mouth", "closed_mouth"], p=[0.5, 0.25, 0.25]))
+        closed = rng.random() < 0.07
+        blush = rng.random() < 0.3
+        at_viewer = rng.random() < 0.72
+        figures.append(Figure(lk, expression, closed, blush, at_viewer))
+        general += look_tags(lk, composition, closed)
+        general.append(expression)
+        if closed:
+            general.append("closed_eyes")
+        if blush:
+            general.append("blush")
+        if expression == "open_mouth" and rng.random() < 0.5:
+            general.append("smile")  # open-mouthed smile
+        general.append("looking_at_viewer" if at_viewer and not closed else "looking_to_the_side")
+    n_girls = sum(1 for lk in looks if not lk.male)
+    n_boys = len(looks) - n_girls
+    if n_girls:
+        general.append(f"{n_girls}girl" if n_girls == 1 else f"{n_girls}girls")
+    if n_boys:
+        general.append(f"{n_boys}boy" if n_boys == 1 else f"{n_boys}boys")
+    if len(looks) == 1:
+        general.append("solo")
+    if n_girls > 1:
+        general.append("multiple_girls")
+    if n_boys > 1:
+        general.append("multiple_boys")
+    general += COMPOSITION_TAGS[composition]
+    if background == series.background:
+        general += series.bg_tags
+    elif background == "white":
+        general += ["simple_background", "white_background"]
+    elif background == "grey":
+        general += ["simple_background", "grey_background"]
+    elif background == "colour":
+        general += ["simple_background", f"{series.tint}_background"]
+    elif background == "gradient":
+        general += ["gradient_background", f"{series.tint}_background"]
+    elif background == "transparent":
+        general += ["transparent_background"]
+
+    comic_panels = 0
+    greyscale = False
+    if role == "comic":
+        comic_panels = 4 if rng.random() < 0.5 else 3
+        height = max_side
+        width = max(64, int(max_side * rng.uniform(0.32, 0.5))) if comic_panels == 4 else int(max_side * 0.7)
+        general = [t for t in general if t not in COMPOSITION_TAGS[composition] and t not in series.bg_tags]
+        general += ["comic", "speech_bubble"] + (["4koma"] if comic_panels == 4 else [])
+        greyscale = rng.random() < 0.4
+        if greyscale:
+            general += ["monochrome", "greyscale"]
+            general = [t for t in general if not re.search(r"_(hair|eyes)$", t)]
+
+    scene = Scene(width, height, tuple(figures), background, series.palette, artist.style, composition,
+                  comic_panels, greyscale, seed=plan["seed"])
+    ext = {"png": "png", "png_rgba": "png", "webp": "webp", "gif": "gif", "mp4": "mp4", "zip": "zip", "swf": "swf"}.get(role, "jpg")
+    if role == "" and rng.random() < 0.1:
+        ext = "png"
+    meta: list[str] = []
+    duration = None
+    hidden = plan["banned"] or plan["restricted"]
+
+    pixel_hash = ""
+    data: bytes | None = None
+    if ext in UNSUPPORTED_EXTS:
+        meta += {"mp4": ["animated", "video", "sound"] if rng.random() < 0.5 else ["animated", "video"],
+                 "zip": ["animated", "ugoira"], "swf": ["animated", "flash"]}[ext]
+        duration = None if ext == "swf" else 1.0
+    if hidden:
+        # hidden posts: the API never shows their file, so only the metadata is generated; a stable
+        # pseudo md5 keeps truth.json consistent.
+        data = None
+    elif ext in UNSUPPORTED_EXTS:
+        data, duration = _opaque_file(ext, rng, width, height)
+    else:
+        img = render_scene(scene)
+        if ext == "gif":
+            frames = [img.convert("RGB"), render_scene(dataclasses.replace(scene, seed=scene.seed + 1))]
+            buf = io.BytesIO()
+            frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+            data, duration = buf.getvalue(), 0.4
+            meta += ["animated", "animated_gif"]
+        else:
+            data = _encode(img, ext, artist.style.jpeg_quality)
+        pixel_hash = hashlib.md5(img.tobytes()).hexdigest()
+
+    if data is not None:
+        md5 = hashlib.md5(data).hexdigest()
+        (images / f"{md5}.{ext}").write_bytes(data)
+        file_size = len(data)
+    else:
+        md5 = hashlib.md5(f"hidden-{plan['id']}-{plan['seed']}".encode()).hexdigest()
+        file_size = int(rng.integers(80_000, 900_000))
+
+    # meta tags
+    s = max_side / 3400.0  # the largest generated side plays the part of a 3400 px original
+    if (width >= 1600 * s and height >= 1200 * s) or (width >= 1200 * s and height >= 1600 * s):
+        meta.append("highres")
+    if (width >= 3200 * s and height >= 2400 * s) or (width >= 2400 * s and height >= 3200 * s):
+        meta.append("absurdres")
+    if rng.random() < 0.3:
+        meta.append("commentary" if rng.random() < 0.6 else "commentary_request")
+    if rng.random() < 0.04:
+        meta.append("bad_id")
+        meta.append("bad_pixiv_id")
+    if role == "comic" and rng.random() < 0.5:
+        meta.append("translated")
+    if plan["banned"]:
+        meta.append("banned_artist")
+
+    true_general = sorted(set(general))
+    kept = []
+    for t in true_general:  # Danbooru tags are incomplete: drop some true tags
+        p = 0.03 if t in {"1girl", "1boy", "solo", "2girls", "multiple_girls", "comic"} else 0.14
+        if rng.random() >= p:
+            kept.append(t)
+    char_tags = sorted({c.tag for c in chars if rng.random() >= 0.02})
+    copyright_tags = ["original"] if plan["original"] else [series.tag]
+    record = _post_record(plan, rng, md5=md5, ext=ext, width=width, height=height, file_size=file_size,
+                          duration=duration, pixel_hash=pixel_hash or hashlib.md5(md5.encode()).hexdigest(),
+                          general=kept, character=char_tags, copyright=copyright_tags, artist=[artist.tag],
+                          meta=sorted(set(meta)), hidden=hidden)
+    truth = {
+        "characters": sorted(c.tag for c in chars), "series": [series.tag] if not plan["original"] else ["original"],
+        "artist": artist.tag, "general": true_general, "md5": md5, "file_ext": ext, "has_file": data is not None,
+        "composition": composition, "background": background, "rating": plan["rating"], "hidden": hidden,
+        "year": plan["created"].year,
+    }
+    return record, truth
+
+
+def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if ext == "jpg":
+        img.convert("RGB").save(buf, "JPEG", quality=quality, optimize=False)
+    elif ext == "png":
+        img.save(buf, "PNG", compress_level=3)
+    elif ext == "webp":
+        img.convert("RGB").save(buf, "WEBP", quality=85, method=2)
+    else:
+        raise ValueError(ext)
+    return buf.getvalue()
+
+
+def _opaque_file(ext: str, rng: np.random.Generator, width: int, height: int) -> tuple[bytes, float | None]:
+    """Deterministic stand-in bytes for file types the pipeline does not ingest (never decoded as images)."""
+    body = rng.integers(0, 256, size=int(rng.integers(20_000, 60_000)), dtype=np.uint8).tobytes()
+    if ext == "mp4":
+        return b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + body, round(float(rng.uniform(2, 30)), 3)
+    if ext == "zip":  # an ugoira: a zip of JPEG frames
+        buf = io.BytesIO()
+        frame = io.BytesIO()
+        placeholder(min(width, 256), min(height, 256)).save(frame, "JPEG", quality=80)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for k in range(3):
+                info = zipfile.ZipInfo(f"{k:06d}.jpg", date_time=(2020, 1, 1, 0, 0, 0))
+                zf.writestr(info, frame.getvalue())
+        return buf.getvalue(), 0.3
+    return b"FWS\x0a" + len(body).to_bytes(4, "little") + body, None
+
+
+def _iso(dt: datetime) -> str:
+    """Danbooru's timestamp format in US Eastern time (DST approximated by month)."""
+    off = -4 if 4 <= dt.month <= 10 else -5
+    local = dt.astimezone(timezone(timedelta(hours=off)))
+    return local.strftime("%Y-%m-%dT%H:%M:%S.") + f"{local.microsecond // 1000:03d}" + f"{off:+03d}:00"
+
+
+def image_url(kind: str, md5: str, ext: str) -> str:
+    """Host-relative URL of an original or variant file ('original', '180x180', '360x360', '720x720', 'sample', 'full')."""
+    name = f"sample-{md5}.{ext}" if kind == "sample" else f"{md5}.{ext}"
+    return f"/data/{kind}/{md5[0:2]}/{md5[2:4]}/{name}"
+
+
+def _fit(w: int, h: int, mw: int | None, mh: int | None) -> tuple[int, int]:
+    scale = 1.0
+    if mw:
+        scale = min(scale, mw / w)
+    if mh:
+        scale = min(scale, mh / h)
+    return max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+
+
+def variant_list(md5: str, ext: str, width: int, height: int, animated: bool) -> list[dict]:
+    """media_asset.variants as Danbooru computes them (MediaAsset#variant_types)."""
+    out = []
+    if ext != "swf":
+        for t, m, vext in (("180x180", 180, "jpg"), ("360x360", 360, "jpg"), ("720x720", 720, "webp")):
+            vw, vh = _fit(width, height, m, m)
+            out.append({"type": t, "url": image_url(t, md5, vext), "width": vw, "height": vh, "file_ext": vext})
+    static = ext in ("jpg", "png", "gif", "webp") and not animated
+    if ext == "zip" or (static and width > 850):
+        vext = "webm" if animated else "jpg"
+        vw, vh = _fit(width, height, 850, None)
+        out.append({"type": "sample", "url": image_url("sample", md5, vext), "width": vw, "height": vh, "file_ext": vext})
+    if ext == "webp":
+        out.append({"type": "full", "url": image_url("full", md5, "jpg"), "width": width, "height": height, "file_ext": "jpg"})
+    out.append({"type": "original", "url": image_url("original", md5, ext), "width": width, "height": height, "file_ext": ext})
+    return out
+
+
+def _file_key(rng: np.random.Generator) -> str:
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return "".join(alphabet[int(i)] for i in rng.integers(0, 62, size=9))
+
+
+def _post_record(plan: dict, rng: np.random.Generator, *, md5: str, ext: str, width: int, height: int, file_size: int,
+                 duration: float | None, pixel_hash: str, general: list[str], character: list[str],
+                 copyright: list[str], artist: list[str], meta: list[str], hidden: bool) -> dict:
+    created: datetime = plan["created"]
+    updated = min(created + timedelta(seconds=float(rng.exponential(86400 * 30))), _END)
+    asset_created = created - timedelta(seconds=float(rng.uniform(5, 600)))
+    all_tags = sorted(set(general + character + copyright + artist + meta))
+    pixiv_id = int(rng.integers(1_000_000, 130_000_000)) if rng.random() < 0.55 else None
+    if pixiv_id:
+        source = f"https://www.pixiv.net/artworks/{pixiv_id}"
+    elif rng.random() < 0.6:
+        source = f"https://twitter.com/{artist[0].split('_(')[0]}/status/{int(rng.integers(10**17, 10**18))}"
+    else:
+        source = ""
+    animated = duration is not None
+    has_large = ext == "zip" or (ext in ("jpg", "png", "webp", "gif") and not animated and width > 850)
+    variants = variant_list(md5, ext, width, height, animated)
+    asset = {
+        "id": 1_000_000 + plan["index"] * 7 + int(rng.integers(0, 7)),
+        "created_at": _iso(asset_created), "updated_at": _iso(asset_created + timedelta(seconds=2)),
+        "md5": md5, "file_ext": ext, "file_size": file_size, "image_width": width, "image_height": height,
+        "duration": duration, "status": "active", "file_key": _file_key(rng), "is_public": True,
+        "pixel_hash": pixel_hash, "variants": variants,
+    }
+    post = {
+        "id": plan["id"], "created_at": _iso(created), "uploader_id": int(rng.integers(10_000, 1_300_000)),
+        "score": plan["score"], "source": source, "md5": md5, "last_comment_bumped_at": None,
+        "rating": plan["rating"], "image_width": width, "image_height": height, "tag_string": " ".join(all_tags),
+        "fav_count": plan["fav"], "file_ext": ext, "last_noted_at": None, "parent_id": None, "has_children": False,
+        "approver_id": int(rng.integers(1000, 1_300_000)) if rng.random() < 0.4 else None,
+        "tag_count_general": len(general), "tag_count_artist": len(artist), "tag_count_character": len(character),
+        "tag_count_copyright": len(copyright), "file_size": file_size, "up_score": plan["up"],
+        "down_score": plan["down"], "is_pending": False, "is_flagged": False, "is_deleted": plan["deleted"],
+        "tag_count": len(all_tags), "updated_at": _iso(updated), "is_banned": plan["banned"], "pixiv_id": pixiv_id,
+        "last_commented_at": None, "has_active_children": False, "bit_flags": 0, "tag_count_meta": len(meta),
+        "has_large": has_large, "has_visible_children": False, "media_asset": asset,
+        "tag_string_general": " ".join(general), "tag_string_character": " ".join(character),
+        "tag_string_copyright": " ".join(copyright), "tag_string_artist": " ".join(artist),
+        "tag_string_meta": " ".join(meta),
+        "file_url": image_url("original", md5, ext),
+        "large_file_url": image_url("sample", md5, "jpg") if has_large and ext != "zip" else
+        (image_url("sample", md5, "webm") if ext == "zip" else image_url("original", md5, ext)),
+        "preview_file_url": image_url("180x180", md5, "jpg") if ext != "swf" else None,
+    }
+    if hidden:
+        hide_file_fields(post)
+    return post
+
+
+def hide_file_fields(post: dict) -> dict:
+    """What Danbooru's PostPolicy does for a post the viewer may not see (in place; returns the post)."""
+    for k in ("md5", "file_url", "large_file_url", "preview_file_url"):
+        post.pop(k, None)
+    asset = post.get("media_asset")
+    if isinstance(asset, dict):
+        asset.pop("md5", None)
+        asset.pop("variants", None)  # their URLs would reveal the md5
+    return post
+
+
+def _link_parents(posts: list[dict], plans: list[dict]) -> None:
+    """~5% of posts are children of an earlier post of the same character (alternate versions)."""
+    rng = np.random.default_rng([plans[0]["seed"] if plans else 0, len(posts), 0x70])
+    by_char: dict[str, list[int]] = {}
+    for i, plan in enumerate(plans):
+        key = plan["characters"][0].tag if plan["characters"] else ""
+        if key and by_char.get(key) and rng.random() < 0.05:
+            parent_idx = by_char[key][int(rng.integers(len(by_char[key])))]
+            parent, child = posts[parent_idx], posts[i]
+            child["parent_id"] = parent["id"]
+            parent["has_children"] = True
+            parent["has_visible_children"] = True
+            if not child["is_deleted"]:
+                parent["has_active_children"] = True
+        if key:
+            by_char.setdefault(key, []).append(i)
+
+
+_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def build_tags(posts: list[dict]) -> list[dict]:
+    """The /tags.json table of the generated posts: real post counts, one category per tag."""
+    counts: dict[str, int] = {}
+    category: dict[str, int] = {}
+    first: dict[str, str] = {}
+    last: dict[str, str] = {}
+    for p in posts:
+        for cat, num in TAG_CATEGORY.items():
+            for t in p[f"tag_string_{cat}"].split():
+                counts[t] = counts.get(t, 0) + 1
+                category[t] = num
+                first.setdefault(t, p["created_at"])
+                last[t] = p["updated_at"]
+    # ids: older, more common tags got lower ids on the real site; mimic by (first use, name)
+    names = sorted(counts, key=lambda t: (first[t], t))
+    out = []
+    for i, name in enumerate(names):
+        out.append({
+            "id": 1000 + i * 3, "name": name, "post_count": counts[name], "category": category[name],
+            "created_at": first[name], "updated_at": max(last[name], first[name]), "is_deprecated": False,
+            "words": [w for w in _WORD.split(name) if w],
+        })
+    out.sort(key=lambda r: -r["id"])  # Danbooru's default tag order: newest first
+    return out
