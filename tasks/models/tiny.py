@@ -1,0 +1,170 @@
+"""``builtin:tiny-sd15``: a tiny, randomly initialised SD1.5 stand-in for CPU demos and tests.
+
+Same classes as the real model (UNet2DConditionModel with cross-attention, AutoencoderKL with the 8x
+downsampling kept, CLIPTextModel with the real 49408-token vocabulary and 3 layers so CLIP skip 2 is
+meaningful), written as a single-file LDM checkpoint plus its own diffusers config folder, and then
+loaded through exactly the same code as a real checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.models.configs import SD15_CONFIG_DIR
+from tasks.models.single_file import export_single_file
+
+TINY_NAME = "tiny-sd15"
+# Bump when the tiny architecture or init changes: cached builds of another version are rebuilt.
+TINY_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_SUBDIR = "config"
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 4,
+    "block_out_channels": [32, 64, 64],
+    "center_input_sample": False,
+    "cross_attention_dim": 64,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 16,
+    "out_channels": 4,
+    "sample_size": 32,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    # Four levels = three downsamplers = the real 8x latent stride.
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "projection_dim": 64,
+    "vocab_size": 49408,
+}
+
+
+def tiny_configs(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tiny configs, with per-component overrides (``unet={...}``) for tests of other shapes."""
+    cfgs = {"unet": copy.deepcopy(TINY_UNET_CONFIG), "vae": copy.deepcopy(TINY_VAE_CONFIG),
+            "text_encoder": copy.deepcopy(TINY_TEXT_CONFIG)}
+    for name, upd in overrides.items():
+        cfgs[name].update(upd)
+    return cfgs
+
+
+def build_tiny_models(seed: int, configs: dict[str, dict[str, Any]] | None = None):
+    """Randomly initialised (unet, vae, text_encoder), deterministic for a given seed (fp32, CPU)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfgs = configs or tiny_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(cfgs["unet"])
+        vae = AutoencoderKL.from_config(cfgs["vae"])
+        te_cfg = {k: v for k, v in cfgs["text_encoder"].items() if k not in ("architectures", "model_type")}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def write_config_folder(folder: Path, unet: Any, vae: Any, text_encoder: Any) -> None:
+    """A diffusers-layout config folder (no weights) describing these three models."""
+    from tasks.models.single_file import config_dict
+
+    for sub, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config_dict(model), indent=2, sort_keys=True))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json",
+                    folder / "scheduler" / "scheduler_config.json")
+    shutil.copyfile(SD15_CONFIG_DIR / "model_index.json", folder / "model_index.json")
+
+
+def tiny_dir(cache_dir: Path, seed: int) -> Path:
+    return Path(cache_dir) / "models" / f"{TINY_NAME}-{seed}"
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        build = json.loads((folder / "build.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (build.get("version") == TINY_VERSION and (folder / WEIGHTS_NAME).is_file()
+            and (folder / CONFIG_SUBDIR / "unet" / "config.json").is_file())
+
+
+def ensure_tiny_sd15(cache_dir: Path, seed: int = 0) -> Path:
+    """Build ``<cache_dir>/models/tiny-sd15-<seed>/`` on first use (atomic: temp folder + rename).
+
+    Holds ``model.safetensors`` (fp32 single-file LDM layout), ``config/`` (diffusers configs) and
+    ``build.json`` (written last). Returns the folder.
+    """
+    final = tiny_dir(cache_dir, seed)
+    if _is_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        unet, vae, text_encoder = build_tiny_models(seed)
+        write_config_folder(tmp / CONFIG_SUBDIR, unet, vae, text_encoder)
+        # fp32 so loading it back is exact; no time-varying metadata so builds are byte-identical.
+        export_single_file(unet, vae, text_encoder, tmp / WEIGHTS_NAME, dtype=torch.float32,
+                           metadata={"booruflow.builtin": TINY_NAME, "booruflow.seed": str(seed),
+                                     "booruflow.tiny_version": str(TINY_VERSION)})
+        (tmp / "build.json").write_text(json.dumps({"name": TINY_NAME, "seed": seed, "version": TINY_VERSION}))
+        if _is_complete(final):  # another process finished first: use its build, drop ours
+            return final
+        if final.exists():  # stale version, or a folder left by an older layout
+            stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
+            os.rename(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final):  # a concurrent builder won the race; otherwise a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
