@@ -1,4 +1,5 @@
-"""``builtin:tiny-sd15``: a tiny, randomly initialised SD1.5 stand-in for CPU demos and tests.
+"""``builtin:tiny-sd15``: a tiny SD1.5 stand-in for CPU demos and tests (random UNet and text encoder,
+a hand-set codec VAE so latents and decoded images mean something).
 
 Same classes as the real model (UNet2DConditionModel with cross-attention, AutoencoderKL with the 8x
 downsampling kept, CLIPTextModel with the real 49408-token vocabulary and 3 layers so CLIP skip 2 is
@@ -22,7 +23,7 @@ from tasks.models.single_file import export_single_file
 
 TINY_NAME = "tiny-sd15"
 # Bump when the tiny architecture or init changes: cached builds of another version are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the VAE is the hand-set codec of tasks/models/tiny_vae.py
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_SUBDIR = "config"
 
@@ -58,9 +59,10 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "out_channels": 3,
     "latent_channels": 4,
     "layers_per_block": 1,
-    "norm_num_groups": 8,
+    "norm_num_groups": 4,  # the codec needs >= 3 channels per norm group (tiny_vae.py)
     "sample_size": 256,
-    "scaling_factor": 0.18215,
+    # The codec's latents are 8x8 block means of pixels in [-1, 1] (std ~0.5): scale them to ~unit std.
+    "scaling_factor": 2.0,
 }
 
 TINY_TEXT_CONFIG: dict[str, Any] = {
@@ -104,6 +106,10 @@ def build_tiny_models(seed: int, configs: dict[str, dict[str, Any]] | None = Non
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(cfgs["unet"])
         vae = AutoencoderKL.from_config(cfgs["vae"])
+        if configs is None:  # the builtin: a VAE that really encodes and decodes (tiny_vae.py)
+            from tasks.models.tiny_vae import set_codec_weights
+
+            set_codec_weights(vae)
         te_cfg = {k: v for k, v in cfgs["text_encoder"].items() if k not in ("architectures", "model_type")}
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
     return unet.eval(), vae.eval(), text_encoder.eval()
