@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from data_contracts.manifest import StageManifest
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: history gains gpu_mem_gib, skipped_steps, val_loss
 STAGE = "train"
 
 # One row per logged optimiser step (also in TensorBoard); the flow plots it.
@@ -18,6 +18,9 @@ HISTORY_SCHEMA = pa.schema(
         pa.field("grad_norm", pa.float32()),
         pa.field("samples_per_s", pa.float32()),
         pa.field("data_wait_frac", pa.float32()),
+        pa.field("gpu_mem_gib", pa.float32()),  # peak allocated so far (null on CPU)
+        pa.field("skipped_steps", pa.int64()),  # non-finite steps skipped so far
+        pa.field("val_loss", pa.float32()),  # held-out loss over the fixed σ grid (rows where it ran)
     ]
 )
 SCHEMAS = {"history": HISTORY_SCHEMA}

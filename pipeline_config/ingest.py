@@ -1,8 +1,165 @@
-"""Config of the ingest stage."""
+"""Config of the ingest stage: Danbooru queries (or an offline dump) -> verified images + post metadata.
+
+Two sources:
+- `danbooru_api`: crawl `/posts.json` with cursor paging (`page=b<id>`), then download and verify every
+  file. `api.base_url: "embedded:minibooru"` (the default) generates the mini-booru of `embedded` into
+  `<runtime.cache_dir>` and serves it on a free loopback port for the duration of the stage: the crawl
+  then runs over real HTTP exactly as against Danbooru.
+- `danbooru_dump`: JSON Lines or Parquet of post records in the API's shape plus an images folder or tar
+  shards (the layout of `tasks/ingest/minibooru/dump.py`).
+
+Credentials never live in the config: it names the environment variables that hold them.
+"""
 from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline_config.base import Section
 
+EMBEDDED_URL = "embedded:minibooru"
+# Extensions the verifier can decode; anything else (zip, mp4, webm, swf, ...) is rejected as unsupported_ext.
+DECODABLE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+# Metatags that do not count against Danbooru's tag limit (REFERENCE.md); `order:` and plain tags count.
+FREE_METATAGS = ("rating", "score", "status", "width", "height", "md5", "date", "limit")
+RATINGS = ("g", "s", "q", "e")
+
+
+def counted_tags(tags: str) -> list[str]:
+    """The search terms of a query that count against the tag limit (plain/negated tags, `order:`...)."""
+    counted = []
+    for term in tags.split():
+        name, sep, _ = term.lstrip("-~").partition(":")
+        if sep and name.lower() in FREE_METATAGS:
+            continue
+        counted.append(term)
+    return counted
+
+
+class QueryConfig(Section):
+    """One Danbooru search. Queries run in order; a post found by an earlier query is not taken again."""
+
+    tags: str  # Danbooru search syntax, e.g. "hoshino_ai_(oshi_no_ko) rating:g,s"
+    quota: int = Field(1000, ge=1)  # posts this query contributes after filters and dedupe (before download)
+    name: str | None = None  # label in stats/reports; defaults to `tags`
+
+    @property
+    def label(self) -> str:
+        return self.name or self.tags or "(all posts)"
+
+
+class ApiConfig(Section):
+    """The Danbooru HTTP client. Defaults are polite for danbooru.donmai.us."""
+
+    base_url: str = EMBEDDED_URL  # https://danbooru.donmai.us, or "embedded:minibooru"
+    login_env: str | None = "DANBOORU_LOGIN"  # env var holding the account name (unset = anonymous)
+    api_key_env: str | None = "DANBOORU_API_KEY"  # env var holding the API key (set both or neither)
+    user_agent: str = "booruflow/0.1 (dataset ingest)"
+    requests_per_s: float = Field(1.5, gt=0)  # /posts.json page requests per second
+    concurrency: int = Field(8, ge=1, le=256)  # image downloads in flight
+    downloads_per_s: float | None = Field(None, gt=0)  # image requests per second; None = only `concurrency`
+    timeout_s: float = Field(60.0, gt=0)  # connect / silence-between-reads limit; a whole request gets 10x
+    max_retries: int = Field(5, ge=0)  # retries of 429 / 5xx / timeouts / dropped connections
+    backoff_s: float = Field(1.0, ge=0)  # first back-off; doubles each retry, with ±50 % jitter
+    backoff_max_s: float = Field(120.0, ge=0)
+    slowdown_s: float = Field(60.0, ge=0)  # after a 429: pause this long without Retry-After, and keep the
+    #                                        whole crawler at half rate for this long after the pause
+    page_limit: int = Field(200, ge=1, le=200)  # posts per page (Danbooru caps at 200)
+    tag_limit: int = Field(2, ge=1)  # 2 for anonymous/Member, 6 for Gold+ accounts
+    content_retries: int = Field(1, ge=0)  # re-downloads of a file that arrived wrong (md5_mismatch,
+    #                                         not_an_image, truncated) before it becomes a reject
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value != EMBEDDED_URL and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http(s) URL or {EMBEDDED_URL!r}")
+        return value.rstrip("/")
+
+
+class DumpConfig(Section):
+    """An offline dump (source: danbooru_dump)."""
+
+    posts_path: str | None = None  # .jsonl / .jsonl.gz / .json / .parquet file (or a folder of them)
+    # folder of images or of .tar shards; None = what dump.json lists, else `images/` or `*.tar` beside the posts
+    images_path: str | None = None
+
+
+class FilterConfig(Section):
+    """Global filters; a post that fails one becomes a rejects row with the reason in brackets."""
+
+    ratings: list[Literal["g", "s", "q", "e"]] = Field(default_factory=lambda: list(RATINGS))  # [rating]
+    min_score: int | None = None  # [low_score]
+    min_width: int = Field(256, ge=0)  # [too_small]
+    min_height: int = Field(256, ge=0)  # [too_small]
+    exclude_tags: list[str] = Field(  # any category matches [excluded_tag]
+        default_factory=lambda: ["comic", "4koma", "animated", "video", "photo_(medium)"]
+    )
+    file_exts: list[str] = Field(default_factory=lambda: ["jpg", "png", "webp"])  # [unsupported_ext]
+    date_from: dt.date | None = None  # inclusive, on created_at (UTC) [out_of_range]
+    date_to: dt.date | None = None  # inclusive [out_of_range]
+    exclude_deleted: bool = True  # [deleted]
+    exclude_banned: bool = True  # [banned]
+
+    @field_validator("file_exts")
+    @classmethod
+    def _exts(cls, value: list[str]) -> list[str]:
+        value = [v.lower().lstrip(".") for v in value]
+        bad = [v for v in value if v not in DECODABLE_EXTS]
+        if bad:
+            raise ValueError(f"{bad} cannot be verified as images; choose from {list(DECODABLE_EXTS)}")
+        return value
+
+
+class VerifyConfig(Section):
+    """Checks every file passes before it enters the image pool."""
+
+    max_pixels: int = Field(100_000_000, ge=1)  # width*height above this is a decompression_bomb
+    workers: int = Field(0, ge=0)  # decoders running at once; 0 = one per CPU core
+    # process: decode in worker processes, so the crawler's event loop never waits for the GIL (fastest);
+    # thread: decode in threads of the stage's process (no worker start-up; tiny runs, tests).
+    mode: Literal["process", "thread"] = "process"
+
+
+class EmbeddedConfig(Section):
+    """The generated mini-booru served when api.base_url is "embedded:minibooru"."""
+
+    posts: int = Field(300, ge=1)
+    seed: int = 0
+    max_side: int = Field(768, ge=64)
+
 
 class IngestConfig(Section):
-    pass
+    source: Literal["danbooru_api", "danbooru_dump"] = "danbooru_api"
+    api: ApiConfig = ApiConfig()
+    # Empty = one query with no tags (every post), allowed only for the embedded server and dumps.
+    queries: list[QueryConfig] = Field(default_factory=list)
+    dump: DumpConfig = DumpConfig()
+    filters: FilterConfig = FilterConfig()
+    verify: VerifyConfig = VerifyConfig()
+    # The summary warns for characters below this count: the characters the queries name (a query tag that
+    # turns out to be a character tag), or every character found when no query names one.
+    min_per_character: int = Field(500, ge=0)
+    # Before 2022 rating "s" meant safe (now "g"). auto: records with the old field set (no media_asset,
+    # since-removed lock/pool fields) are read as legacy; legacy/current force one reading.
+    legacy_ratings: Literal["auto", "legacy", "current"] = "auto"
+    embedded: EmbeddedConfig = EmbeddedConfig()
+
+    @model_validator(mode="after")
+    def _check_queries(self) -> "IngestConfig":
+        labels = set()
+        for i, query in enumerate(self.queries):
+            counted = counted_tags(query.tags)
+            if self.source == "danbooru_api" and len(counted) > self.api.tag_limit:
+                raise ValueError(
+                    f"queries[{i}].tags {query.tags!r} uses {len(counted)} tags ({' '.join(counted)}) but "
+                    f"api.tag_limit is {self.api.tag_limit} (Danbooru allows 2 for anonymous/Member accounts, "
+                    "6 for Gold); drop tags or use free metatags (rating:, score:, date:, ...)"
+                )
+            if query.label in labels:
+                raise ValueError(f"queries[{i}]: the label {query.label!r} is used twice; give it a `name`")
+            labels.add(query.label)
+        return self

@@ -7,9 +7,12 @@ from tasks.common.stage import StageSpec
 
 DAG_ORDER = ("ingest", "tag", "quality", "bucket", "cache", "train")
 # stage -> module exposing SPEC; add a stage here when its implementation lands.
-# (The DAG is wired from ingest on: a stage joins once everything upstream of it is implemented.)
-_MODULES: dict[str, str] = {}
-_PENDING_UPSTREAM = {"quality": "tasks.quality.stage", "bucket": "tasks.bucket.stage"}
+_MODULES: dict[str, str] = {
+    "ingest": "tasks.ingest.stage",
+    "tag": "tasks.tag.stage",
+    "quality": "tasks.quality.stage",
+    "bucket": "tasks.bucket.stage",
+}
 
 
 def implemented_stages() -> list[str]:

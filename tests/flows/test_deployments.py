@@ -25,8 +25,16 @@ def deployment_run(env: dict[str, str], name: str, params: dict) -> subprocess.C
     return proc
 
 
+def _against(env: dict[str, str], coro_fn, *args):
+    """Run a Prefect client coroutine against the test's server (not this process's ephemeral API)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(coro_fn(*args))
+
+
 def latest_flow_run_id(env: dict[str, str], deployment: str):
-    return asyncio.run(_latest_flow_run_id(env, deployment))
+    return _against(env, _latest_flow_run_id, env, deployment)
 
 
 async def _latest_flow_run_id(env, deployment):
@@ -46,7 +54,7 @@ async def _latest_flow_run_id(env, deployment):
 
 def read_run(env: dict[str, str], flow_run_id) -> tuple[dict[str, object], list[str]]:
     """(artifact key -> artifact, task run names) of one flow run, through the Prefect client."""
-    return asyncio.run(_read_run(flow_run_id))
+    return _against(env, _read_run, flow_run_id)
 
 
 async def _read_run(flow_run_id):
@@ -82,7 +90,8 @@ def test_full_then_single_stage_rerun(fm_serve, demo_params):
     for stage in stages:
         assert f"fm-{stage}-summary" in artifacts, f"{stage}: no summary artifact ({sorted(artifacts)})"
         assert f"fm-{stage}-manifest" in artifacts
-        assert artifacts[f"fm-{stage}-manifest"].type == "link"
+        link = artifacts[f"fm-{stage}-manifest"]  # Prefect stores link artifacts as markdown links
+        assert link.type == "markdown" and "manifest.json" in link.data and demo_params["overrides"][0][10:] in link.data
         assert stage_state(artifacts, stage) == "built"
         assert any(k.startswith(f"fm-{stage}-") and a.type == "table" for k, a in artifacts.items()), stage
 

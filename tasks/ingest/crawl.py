@@ -1,0 +1,175 @@
+"""The `danbooru_api` source: crawl every query with cursor paging while downloads run concurrently.
+
+Queries run one after another, in config order, newest posts first (first page without `page`, then
+`page=b<lowest id seen>`), until a short page or the query's quota. Each page is parsed, deduped, filtered
+and journaled before its posts go on a bounded download queue; `api.concurrency` workers download and
+verify. The bounded queue is the back-pressure that keeps memory flat: the crawl waits when downloads lag.
+After a kill, the ledger replays the journals: cursors resume, unfinished downloads are queued first.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from pipeline_config.ingest import IngestConfig
+from pipeline_config.secrets import redact
+from tasks.ingest.api import DanbooruClient, FetchFailed, page_error
+from tasks.ingest.download import Downloader, clean_incoming, outcome_json
+from tasks.ingest.filters import PostFilter
+from tasks.ingest.ledger import Ledger
+from tasks.ingest.parse import Post, to_int
+from tasks.ingest.verify import ProcessVerifier, make_verifier
+
+ProgressFn = Callable[[float, str], None]
+
+
+def query_plan(cfg: IngestConfig) -> list[tuple[str, str, int]]:
+    """(label, tags, quota) per query; no queries = everything (embedded server and dumps only)."""
+    if cfg.queries:
+        return [(q.label, q.tags, q.quota) for q in cfg.queries]
+    return [("(all posts)", "", 2**62)]
+
+
+def verify_workers(cfg: IngestConfig) -> int:
+    return cfg.verify.workers or max(1, os.cpu_count() or 1)
+
+
+class _Progress:
+    def __init__(self, fn: ProgressFn, ledger: Ledger, quota_total: int) -> None:
+        self.fn, self.ledger, self.quota_total = fn, ledger, quota_total
+        self.last = 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        taken = sum(q.accepted for q in self.ledger.queries)
+        done = len(self.ledger.outcome_ok)
+        crawling = not all(q.done for q in self.ledger.queries)
+        total = max(self.quota_total if crawling else taken, taken, 1)
+        self.fn(min(0.99, done / total), f"{done} files done, {taken} posts taken")
+
+
+async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, login: str | None,
+                    api_key: str | None, progress: ProgressFn, log: logging.Logger) -> dict:
+    """Run the crawl + downloads to completion (or raise StageError); returns client/downloader stats."""
+    plan = query_plan(cfg)
+    quotas = [quota for _, _, quota in plan]
+    post_filter = PostFilter(cfg.filters, need_file_url=True)
+    clean_incoming(pool)
+    report = _Progress(progress, ledger, sum(min(q, 10**9) for q in quotas))
+    queue: asyncio.Queue[tuple[int, Post] | None] = asyncio.Queue(maxsize=cfg.api.concurrency * 4)
+    verifier = make_verifier(cfg.verify.mode, verify_workers(cfg))
+    try:
+        await verifier.start()
+        async with DanbooruClient(cfg.api, base_url, login, api_key) as client:
+            downloader = Downloader(client, pool, verifier, max_pixels=cfg.verify.max_pixels,
+                                    content_retries=cfg.api.content_retries)
+
+            async def worker() -> None:
+                while True:
+                    item = await queue.get()
+                    if item is None:
+                        return
+                    _, post = item
+                    outcome = await downloader.download(post)
+                    ledger.record_outcome(outcome_json(post.id, post.md5, outcome))
+                    if not outcome.ok:
+                        log.debug("post %s rejected: %s %s", post.id, outcome.reason, redact(outcome.detail))
+                    report()
+
+            async def crawler() -> None:
+                for item in list(ledger.pending.values()):  # unfinished downloads of the last run first
+                    await queue.put(item)
+                for qi, (label, tags, quota) in enumerate(plan):
+                    await _crawl_query(client, ledger, qi, label, tags, quotas, post_filter, cfg, queue, log)
+                    report()
+                for _ in range(cfg.api.concurrency):
+                    await queue.put(None)
+
+            tasks = [asyncio.create_task(crawler(), name="crawler")]
+            tasks += [asyncio.create_task(worker(), name=f"download-{i}") for i in range(cfg.api.concurrency)]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            report(force=True)
+            peak = verifier.peak_rss_mib() if isinstance(verifier, ProcessVerifier) else None
+            return {
+                "http": dict(client.stats),
+                "throttle_429_pauses": client.page_throttle.penalties,
+                "downloads": {k: round(v, 3) if isinstance(v, float) else v for k, v in downloader.stats.items()},
+                "verify": {"mode": cfg.verify.mode, "workers": verify_workers(cfg), "crashes": verifier.crashes,
+                           "worker_peak_rss_mib": round(peak, 1) if peak else None},
+            }
+    finally:
+        await verifier.close()
+
+
+async def _crawl_query(client: DanbooruClient, ledger: Ledger, qi: int, label: str, tags: str, quotas: list[int],
+                       post_filter: PostFilter, cfg: IngestConfig, queue: asyncio.Queue, log: logging.Logger) -> None:
+    state = ledger.queries[qi]
+    limit = cfg.api.page_limit
+    while not state.done:
+        if state.accepted >= quotas[qi]:
+            ledger.commit(ledger.select([], post_filter, cfg.legacy_ratings, quotas)[0], q=qi,
+                          page_param=state.cursor, next_cursor=state.cursor, done=True, n=0)
+            break
+        page_param = state.cursor
+        try:
+            raws = await client.posts_page(tags, page_param, limit)
+        except FetchFailed as exc:
+            if exc.status == 410:  # beyond the page cap: nothing more to get for this query
+                ledger.commit(ledger.select([], post_filter, cfg.legacy_ratings, quotas)[0], q=qi,
+                              page_param=page_param, next_cursor=page_param, done=True, n=0,
+                              extra={"note": "page cap reached (410)"})
+                log.warning("ingest query %r: the server refused further pages (410)", label)
+                break
+            raise page_error(exc, label) from None
+        page, _ = ledger.select(((qi, raw) for raw in raws), post_filter, cfg.legacy_ratings, quotas)
+        ids = [i for i in (_raw_id(r) for r in raws) if i]
+        next_cursor = f"b{min(ids)}" if ids else page_param
+        full = state.accepted + len(page.accepted) >= quotas[qi]
+        done = full or len(raws) < limit or not ids
+        ledger.commit(page, q=qi, page_param=page_param, next_cursor=next_cursor, done=done, n=len(raws))
+        log.info("ingest %r page %s: %d posts, %d taken, %d rejected, %d duplicates%s", label,
+                 page_param or "1", len(raws), len(page.accepted), len(page.rejects), page.duplicates,
+                 " (quota met)" if full else "")
+        for item in page.accepted:
+            await queue.put(item)
+
+
+def _raw_id(raw: object) -> int | None:
+    return to_int(raw.get("id")) if isinstance(raw, dict) else None
+
+
+def run_async(coro):
+    """asyncio.run, also from a thread that already runs an event loop (e.g. inside a flow runner)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="ingest-loop")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

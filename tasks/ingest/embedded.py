@@ -1,0 +1,43 @@
+"""The embedded default: `api.base_url: "embedded:minibooru"` crawls a generated mini-booru over real HTTP.
+
+The mini-booru is generated once into `<runtime.cache_dir>/minibooru-<posts>-<seed>-<max_side>` (reused by
+later runs) and served on a free loopback port only while the stage runs. Nothing else differs from a crawl
+of danbooru.donmai.us: same client, paging, retries, verification.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from pipeline_config.ingest import EMBEDDED_URL, EmbeddedConfig, IngestConfig
+
+log = logging.getLogger("booruflow.ingest")
+
+
+def minibooru_dir(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
+    return Path(cache_dir) / f"minibooru-{cfg.posts}-{cfg.seed}-{cfg.max_side}"
+
+
+def ensure_minibooru(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
+    """Generate the mini-booru unless a complete one is already cached; returns its folder."""
+    from tasks.ingest.minibooru.generate import generate_minibooru
+
+    folder = minibooru_dir(cache_dir, cfg)
+    booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side)
+    return Path(booru.root)
+
+
+@contextlib.contextmanager
+def api_endpoint(cfg: IngestConfig, cache_dir: str | Path) -> Iterator[tuple[str, bool]]:
+    """(base URL to crawl, embedded?) for the duration of the block."""
+    if cfg.api.base_url != EMBEDDED_URL:
+        yield cfg.api.base_url, False
+        return
+    from tasks.ingest.minibooru.server import serve_minibooru
+
+    folder = ensure_minibooru(cache_dir, cfg.embedded)
+    with serve_minibooru(folder, host="127.0.0.1", port=0, tag_limit=cfg.api.tag_limit) as server:
+        log.info("ingest: serving the embedded mini-booru %s at %s", folder.name, server.url)
+        yield server.url, True

@@ -1,0 +1,96 @@
+"""The ingest stage: Danbooru queries (or a dump) -> posts.parquet + rejects.parquet + verified image pool.
+
+Work happens in ctx.work (kept across kills): the ledger's journals there let a rerun resume the crawl
+from its last page and download only what is missing; images go to the shared content-addressed pool
+`<pool>/images/<md5[:2]>/<md5>.<ext>`. The journals are removed once the tables are written, so the
+committed output holds only posts.parquet, rejects.parquet and the report.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from data_contracts.errors import ConfigError
+from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
+from pipeline_config.schema import PipelineConfig
+from pipeline_config.secrets import redact
+from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.ingest.api import resolve_credentials
+from tasks.ingest.assemble import assemble
+from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
+from tasks.ingest.dump_reader import import_dump, metadata_files
+from tasks.ingest.embedded import api_endpoint
+from tasks.ingest.ledger import Ledger
+
+JOURNAL_DIR = "journal"
+
+
+def _public_url(url: str) -> str:
+    """scheme://host[:port] only: never user:password@ or query strings in manifests."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
+
+
+def build(ctx: StageContext) -> StageResult:
+    cfg: IngestConfig = ctx.section
+    started = time.monotonic()
+    pool = ctx.store.pool_dir()
+    pool.mkdir(parents=True, exist_ok=True)
+    plan = query_plan(cfg)
+    embedded = cfg.api.base_url == EMBEDDED_URL
+    if cfg.source == "danbooru_api" and not cfg.queries and not embedded:
+        raise ConfigError("ingest.queries is empty: list at least one {tags, quota} query to crawl "
+                          f"{cfg.api.base_url} (an empty list crawls everything, allowed only for the embedded "
+                          "mini-booru and dumps)")
+    ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan))
+    try:
+        if cfg.source == "danbooru_api":
+            login, api_key = (None, None) if embedded else resolve_credentials(cfg.api)
+            with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
+                source_desc = EMBEDDED_URL if embedded else _public_url(base_url)
+                ctx.log.info("ingest: crawling %s (%d queries, %s)", source_desc, len(plan),
+                             "authenticated" if login else "anonymous")
+                run_stats = run_async(crawl_api(cfg, base_url, ledger, pool, login=login, api_key=api_key,
+                                                progress=ctx.progress, log=ctx.log))
+        else:
+            source_desc = f"dump:{cfg.dump.posts_path}"
+            run_stats = {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
+                                             workers=verify_workers(cfg))}
+        ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
+        row_counts, stats, summary, tables = assemble(ctx.work, ledger, cfg, plan, source_desc, run_stats)
+    finally:
+        ledger.close()
+    stats["run"]["seconds"] = round(time.monotonic() - started, 2)
+    shutil.rmtree(ctx.work / JOURNAL_DIR, ignore_errors=True)
+    reasons = {row["reason"]: row["count"] for row in tables["rejects_by_reason"]}
+    ctx.log.info(redact(f"ingest: {row_counts['posts']} posts, {row_counts['rejects']} rejects"))
+    return StageResult(
+        row_counts=row_counts,
+        stats=stats,
+        manifest_fields={"source": cfg.source, "queries": [label for label, _, _ in plan],
+                         "reject_reasons": reasons},
+        report=StageReport(summary_md=summary, tables=tables),
+    )
+
+
+def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
+    """What decides the output besides the config: the dump's metadata files, the mini-booru generator."""
+    section: IngestConfig = cfg.ingest
+    if section.source == "danbooru_dump":
+        try:
+            files, _ = metadata_files(section.dump)
+        except ConfigError:
+            return {}  # build() raises the same error with its message
+        return {"dump": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    if section.api.base_url == EMBEDDED_URL:
+        from tasks.ingest.minibooru.generate import GENERATOR_VERSION
+
+        return {"minibooru_generator": GENERATOR_VERSION}
+    return {}
+
+
+SPEC = StageSpec(name="ingest", upstream=(), code_version="1", build=build, resumable=True,
+                 fingerprint_extra=fingerprint_extra)
