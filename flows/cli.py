@@ -18,6 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["BOORUFLOW_CLI_PROGRESS"] = "1"  # rich progress bars for in-process runs on a terminal
     from flows.fm import fm
 
     results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force)

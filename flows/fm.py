@@ -136,13 +136,16 @@ def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     """Prepare a stage; unsharded stages also build, commit and publish here."""
     install_redaction()
     progress = ProgressReporter(stage)
-    with _gpu_slot(stage):
-        prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
-                                 log=get_run_logger())  # type: ignore[arg-type]
-        shards = plan_shards(prepared)
-        if shards:
-            return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards}
-        outcome = finish_stage(prepared)
+    try:
+        with _gpu_slot(stage):
+            prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
+                                     log=get_run_logger())  # type: ignore[arg-type]
+            shards = plan_shards(prepared)
+            if shards:
+                return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards}
+            outcome = finish_stage(prepared)
+    finally:
+        progress.close()
     progress.done()
     _publish(stage, cfg, outcome)
     return _outcome_summary(stage, outcome)

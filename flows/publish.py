@@ -1,7 +1,9 @@
 """Publish a stage outcome to Prefect as artifacts with stable keys (`fm-<stage>-...`)."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,20 +114,38 @@ def publish_outcome(outcome: StageOutcome, files: tuple[str, str] | None = None)
 
 
 class ProgressReporter:
-    """A progress artifact per stage run, updated at most every `interval` seconds."""
+    """A progress artifact per stage run (updated at most every `interval` s), plus a rich progress bar
+    on the terminal when `fm run` runs the flow in-process (BOORUFLOW_CLI_PROGRESS=1)."""
 
     def __init__(self, stage: str, interval: float = 2.0) -> None:
         self.stage = stage
         self.interval = interval
         self._last = 0.0
         self._id = create_progress_artifact(0.0, key=artifact_key("fm", stage, "progress"), description=f"{stage}: starting")
+        self._bar = None
+        if os.environ.get("BOORUFLOW_CLI_PROGRESS") == "1" and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn(f"[bold]{stage}[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), TextColumn("{task.description}"), transient=True)
+            self._task = self._bar.add_task("", total=100.0)
+            self._bar.start()
 
     def __call__(self, fraction: float, message: str) -> None:
+        pct = max(0.0, min(100.0, fraction * 100.0))
+        if self._bar is not None:
+            self._bar.update(self._task, completed=pct, description=redact(message)[:60])
         now = time.monotonic()
         if now - self._last < self.interval and fraction < 1.0:
             return
         self._last = now
-        update_progress_artifact(self._id, max(0.0, min(100.0, fraction * 100.0)), description=redact(f"{self.stage}: {message}"))
+        update_progress_artifact(self._id, pct, description=redact(f"{self.stage}: {message}"))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
     def done(self) -> None:
+        self.close()
         update_progress_artifact(self._id, 100.0, description=f"{self.stage}: done")
