@@ -104,6 +104,36 @@ def cmd_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from data_contracts.registry import manifest_class
+    from data_contracts.store import ArtifactStore
+    from pipeline_config.load import load_config
+    from tasks.sample.main import sample_main
+
+    checkpoint = args.checkpoint
+    cache_dir = args.cache_dir
+    if checkpoint == "current":  # the current train output of the config
+        cfg = load_config(args.config, args.override)
+        store = ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+        manifest = store.read_manifest(manifest_class("train"))
+        checkpoint = str(store.path(manifest, manifest.checkpoint))
+        cache_dir = cache_dir or cfg.runtime.cache_dir
+    with Progress(transient=True) as bar:
+        task = bar.add_task("sampling", total=None)
+        paths = sample_main(
+            checkpoint, args.prompt, args.negative, out_dir=args.out, steps=args.steps, cfg=args.cfg,
+            shift=args.shift, sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
+            height=args.height, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,
+            clip_skip=args.clip_skip, cache_dir=cache_dir or ".data/cache", device=args.device,
+            base_model=args.base_model, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description="booruflow: Danbooru -> flow-matching SD1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--files", action=argparse.BooleanOptionalAction, default=name == "up",
                        help="serve the data root read-only over HTTP for image artifacts (default: on for up)")
         p.set_defaults(func=func)
+    p = sub.add_parser("sample", help="generate images from a checkpoint the pipeline made")
+    p.add_argument("checkpoint", help="single-file .safetensors, diffusers folder, training-step folder, "
+                                      "or 'current' (the current train output of -c/--config)")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (A1111 weighting syntax)")
+    p.add_argument("--negative", default="", help="negative prompt (one for all)")
+    p.add_argument("--out", default="samples", help="output folder (PNGs with A1111 parameters + grid.png)")
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--shift", type=float, default=None, help="default: the checkpoint's recommended shift, else 3")
+    p.add_argument("--sampler", default="euler", choices=["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde"])
+    p.add_argument("--schedule", default="diffusers", choices=["diffusers", "simple"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--base-model", default=None, help="base checkpoint for a training-step folder")
+    p.add_argument("--cache-dir", default=None)
+    _common(p)
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("files", help="serve a data root read-only over HTTP (for image artifacts)")
     p.add_argument("--root", required=True)
     p.add_argument("--host", default="127.0.0.1")
