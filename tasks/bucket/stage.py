@@ -3,10 +3,13 @@
 Samples are the ids in the quality stage's quality.parquet; original sizes come from the ingest
 stage's posts.parquet. Crop boxes are in pixels of the resized image (resize_w x resize_h); the
 cache stage resizes to that size, crops [left, right) x [top, bottom), then flips when `flip`.
+Pictures: the aspect-ratio histogram and, per bucket, thumbnails with the crop box drawn (visuals/*.png).
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -19,13 +22,18 @@ from data_contracts.quality import QUALITY_SCHEMA
 from data_contracts.store import ArtifactStore
 from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
 from pipeline_config.bucket import BucketConfig
+from pipeline_config.secrets import redact
 from tasks.bucket import core
+from tasks.bucket.visuals import make_bucket_sheets
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.common.visuals import new_figure
 
-CODE_VERSION = "bucket-1"
+CODE_VERSION = "bucket-2"  # 2: crop-box sheets in the report
 BUCKETS_FILE = "buckets.parquet"
 REJECTS_FILE = "rejects.parquet"
 HISTOGRAM_FILE = "aspect_ratio_histogram.png"
+MAX_ITEMS = 16  # thumbnails per bucket sheet
+MAX_BUCKETS = 12  # sheets: the fullest buckets
 
 
 def read_upstream(
@@ -152,12 +160,8 @@ def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tupl
 
 def plot_histogram(width: np.ndarray, height: np.ndarray, final: dict[str, int], path) -> None:
     """Aspect-ratio histogram of the images with the used buckets' aspect ratios marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+    fig = new_figure(7, 3)  # Agg canvas without pyplot: no global state, safe in worker threads
+    ax = fig.add_subplot()
     ax.hist(np.log2(width / height), bins=64, range=(-2, 2), color="#4477aa")
     for name in final:
         bw, bh = (int(v) for v in name.split("x"))
@@ -168,9 +172,40 @@ def plot_histogram(width: np.ndarray, height: np.ndarray, final: dict[str, int],
     ax.set_ylabel("images")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")  # the store never lists *.tmp
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
+    fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: same bytes every run
     tmp.replace(path)
+
+
+def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
+    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
+    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
+    started = time.monotonic()
+    images: dict[str, str] = {}
+    note = ""
+    for name, job in jobs.items():
+        try:
+            images.update(job())
+        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
+            error = redact(f"{type(exc).__name__}: {exc}")
+            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
+            note += f"\n\n**Warning:** {name} pictures not drawn: {error}"
+    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
+    return images, note
+
+
+def make_pictures(ctx: StageContext, table: pa.Table, bucket_counts: dict[str, int]) -> tuple[dict[str, str], str]:
+    """The aspect-ratio histogram and a crop-box sheet per bucket (images from the ingest posts' pool paths)."""
+    def histogram() -> dict[str, str]:
+        plot_histogram(table.column("width").to_numpy().astype(np.float64),
+                       table.column("height").to_numpy().astype(np.float64), bucket_counts, ctx.work / HISTOGRAM_FILE)
+        return {"aspect-ratio histogram": HISTOGRAM_FILE}
+
+    def bucket_sheets() -> dict[str, str]:
+        posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path", "score"])
+        return make_bucket_sheets(table, posts, ctx.store.pool_dir(), ctx.work, seed=ctx.cfg.seed,
+                                  max_items=MAX_ITEMS, max_buckets=MAX_BUCKETS)
+
+    return draw_pictures(ctx, {"aspect-ratio histogram": histogram, "bucket sheets": bucket_sheets})
 
 
 def build(ctx: StageContext) -> StageResult:
@@ -182,13 +217,10 @@ def build(ctx: StageContext) -> StageResult:
     table, rejects, info, report = build_buckets(posts, quality, cfg)
     write_table(table, ctx.work / BUCKETS_FILE, BUCKETS_SCHEMA)
     write_table(rejects, ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
-    plot_histogram(
-        table.column("width").to_numpy().astype(np.float64),
-        table.column("height").to_numpy().astype(np.float64),
-        info["bucket_counts"],
-        ctx.work / HISTOGRAM_FILE,
-    )
-    report.images["aspect-ratio histogram"] = HISTOGRAM_FILE
+    ctx.progress(0.8, "drawing the histogram and bucket sheets")
+    images, note = make_pictures(ctx, table, info["bucket_counts"])
+    report.images.update(images)
+    report.summary_md += note
     ctx.progress(1.0, "done")
     ctx.log.info("bucket: %s", info["bucket_counts"])
     return StageResult(

@@ -6,6 +6,7 @@ identical whether or not the run was interrupted, and memory does not grow with 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -17,10 +18,13 @@ import pyarrow.parquet as pq
 from data_contracts.ingest import POSTS_SCHEMA, REJECTS
 from data_contracts.tables import rows_to_table
 from pipeline_config.ingest import IngestConfig, counted_tags
+from tasks.ingest.download import image_relpath
 from tasks.ingest.reasons import REASONS
 from tasks.ingest.ledger import Ledger
 
 BATCH = 2000  # rows per Parquet write: bounds the memory of the final pass
+# The ledger's duplicate_md5 detail names the post that owns the file (its journal keeps no md5 for rejects).
+_DUP_OWNER = re.compile(r"same file as post (\d+)")
 
 
 class StreamWriter:
@@ -60,8 +64,13 @@ def _query_terms(tags: str) -> list[str]:
 
 def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str, str, int]],
              source_desc: str, run_stats: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any], str,
-                                                                    dict[str, list[dict[str, Any]]]]:
-    """Write the tables; return (row_counts, stats, summary markdown, report tables)."""
+                                                                    dict[str, list[dict[str, Any]]], dict[int, str]]:
+    """Write the tables; return (row_counts, stats, summary markdown, report tables, reject images).
+
+    Reject images: {reject id: pool-relative image path} for the rejects whose file may be in the pool
+    (failed downloads: their own md5; duplicate_md5: the owner's file). rejects.parquet has no path
+    column, so this is the only place that knows them; callers check the pool before using a path.
+    """
     labels = [label for label, _, _ in plan]
     failed: dict[int, tuple[str, str]] = {}
     for rec in ledger.download_records():
@@ -80,19 +89,31 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
     per_char: Counter = Counter()
     char_series: dict[str, Counter] = defaultdict(Counter)
     char_by_q: dict[int, Counter] = defaultdict(Counter)
+    reject_images: dict[int, str] = {}
+    dup_owner: dict[int, int] = {}  # duplicate_md5 reject id -> id of the post that owns the file
+    owner_paths: dict[int, str] = {}
     try:
         for qi, post_id, reason, detail in ledger.metadata_rejects():
             rejects.add({"id": post_id, "reason": reason, "detail": detail, "query": labels[qi]})
             reasons[reason] += 1
+            owner = _DUP_OWNER.fullmatch(detail or "") if reason == "duplicate_md5" else None
+            if owner:
+                dup_owner[post_id] = int(owner.group(1))
+        wanted_owners = set(dup_owner.values())
         for qi, post in ledger.taken():
+            path = image_relpath(post.md5, post.file_ext) if post.md5 and post.file_ext else ""
+            if post.id in wanted_owners and path:
+                owner_paths[post.id] = path
             if post.id in failed or post.id not in ledger.outcome_ok:
                 reason, detail = failed.get(post.id, ("not_downloaded", "no download outcome recorded"))
                 rejects.add({"id": post.id, "reason": reason, "detail": detail, "query": labels[qi]})
                 reasons[reason] += 1
                 failed_by_q[qi] += 1
+                if path:
+                    reject_images[post.id] = path
                 continue
             row = post.row()
-            row["image_path"] = f"images/{post.md5[:2]}/{post.md5}.{post.file_ext}"  # type: ignore[index]
+            row["image_path"] = path
             row["query"] = labels[qi]
             posts.add(row)
             ok_by_q[qi] += 1
@@ -109,6 +130,9 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
                     char_series[char][series] += 1
         n_posts = posts.close()
         n_rejects = rejects.close()
+        for post_id, owner in dup_owner.items():
+            if owner in owner_paths:
+                reject_images[post_id] = owner_paths[owner]
     except BaseException:
         for writer in (posts, rejects):
             writer.writer.close()
@@ -160,7 +184,7 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
                        targets, query_targets, labels, run_stats)
     tables = {"per_query": per_query_rows, "per_character": per_char_rows, "per_rating": per_rating_rows,
               "per_year": per_year_rows, "rejects_by_reason": reason_rows}
-    return {"posts": n_posts, "rejects": n_rejects}, stats, summary, tables
+    return {"posts": n_posts, "rejects": n_rejects}, stats, summary, tables, reject_images
 
 
 def _summary(source: str, n_posts: int, n_rejects: int, per_query: list[dict], reasons: Counter, low: list[str],

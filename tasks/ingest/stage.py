@@ -3,16 +3,20 @@
 Work happens in ctx.work (kept across kills): the ledger's journals there let a rerun resume the crawl
 from its last page and download only what is missing; images go to the shared content-addressed pool
 `<pool>/images/<md5[:2]>/<md5>.<ext>`. The journals are removed once the tables are written, so the
-committed output holds only posts.parquet, rejects.parquet and the report.
+committed output holds posts.parquet, rejects.parquet, the report and its pictures (visuals/*.png:
+contact sheets per character and series, rejects whose image is in the pool).
 """
 from __future__ import annotations
 
 import shutil
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from data_contracts.errors import ConfigError
+from data_contracts.ingest import POSTS_SCHEMA, REJECTS
+from data_contracts.tables import read_table
 from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import redact
@@ -23,8 +27,11 @@ from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
 from tasks.ingest.dump_reader import import_dump, metadata_files
 from tasks.ingest.embedded import api_endpoint
 from tasks.ingest.ledger import Ledger
+from tasks.ingest.visuals import make_character_sheets, make_rejects_sheet, make_series_sheets
 
 JOURNAL_DIR = "journal"
+MAX_ITEMS = 24  # thumbnails per contact sheet
+MAX_GROUPS = 12  # sheets per kind: the largest characters / series
 
 
 def _public_url(url: str) -> str:
@@ -60,9 +67,13 @@ def build(ctx: StageContext) -> StageResult:
             run_stats = {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
                                              workers=verify_workers(cfg))}
         ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
-        row_counts, stats, summary, tables = assemble(ctx.work, ledger, cfg, plan, source_desc, run_stats)
+        row_counts, stats, summary, tables, reject_images = assemble(ctx.work, ledger, cfg, plan, source_desc,
+                                                                     run_stats)
     finally:
         ledger.close()
+    # Pictures before the journals go: a kill while drawing then resumes from the journals, not a new crawl.
+    ctx.progress(0.995, "drawing contact sheets")
+    images, note = make_pictures(ctx, reject_images)
     stats["run"]["seconds"] = round(time.monotonic() - started, 2)
     shutil.rmtree(ctx.work / JOURNAL_DIR, ignore_errors=True)
     reasons = {row["reason"]: row["count"] for row in tables["rejects_by_reason"]}
@@ -72,8 +83,52 @@ def build(ctx: StageContext) -> StageResult:
         stats=stats,
         manifest_fields={"source": cfg.source, "queries": [label for label, _, _ in plan],
                          "reject_reasons": reasons},
-        report=StageReport(summary_md=summary, tables=tables),
+        report=StageReport(summary_md=summary + note, tables=tables, images=images),
     )
+
+
+def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
+    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
+    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
+    started = time.monotonic()
+    images: dict[str, str] = {}
+    note = ""
+    for name, job in jobs.items():
+        try:
+            images.update(job())
+        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
+            error = redact(f"{type(exc).__name__}: {exc}")
+            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
+            note += f"\n**Warning:** {name} pictures not drawn: {error}\n"
+    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
+    return images, note
+
+
+def make_pictures(ctx: StageContext, reject_images: dict[int, str]) -> tuple[dict[str, str], str]:
+    """Character and series contact sheets, and the rejects whose image is in the pool, under visuals/."""
+    pool: Path = ctx.store.pool_dir()
+    seed = ctx.cfg.seed
+    columns = ["id", "score", "image_path", "tags_character", "tags_copyright"]
+
+    read: dict[str, Any] = {}
+
+    def posts():  # read once, on first use (inside a job, so a read error is that job's failure)
+        if "posts" not in read:
+            read["posts"] = read_table(ctx.work / "posts.parquet", POSTS_SCHEMA, columns=columns)
+        return read["posts"]
+
+    def rejects_sheet() -> dict[str, str]:
+        rejects = read_table(ctx.work / "rejects.parquet", REJECTS, columns=["id", "reason", "detail"])
+        in_pool = {i: rel for i, rel in reject_images.items() if (pool / rel).is_file()}
+        return make_rejects_sheet(rejects, pool, ctx.work, in_pool, seed=seed, max_items=MAX_ITEMS)
+
+    return draw_pictures(ctx, {
+        "character": lambda: make_character_sheets(posts(), pool, ctx.work, seed=seed, max_items=MAX_ITEMS,
+                                                   max_groups=MAX_GROUPS),
+        "series": lambda: make_series_sheets(posts(), pool, ctx.work, seed=seed, max_items=MAX_ITEMS,
+                                             max_groups=MAX_GROUPS),
+        "rejects": rejects_sheet,
+    })
 
 
 def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
@@ -92,5 +147,5 @@ def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
     return {}
 
 
-SPEC = StageSpec(name="ingest", upstream=(), code_version="1", build=build, resumable=True,
+SPEC = StageSpec(name="ingest", upstream=(), code_version="2", build=build, resumable=True,
                  fingerprint_extra=fingerprint_extra)

@@ -2,11 +2,14 @@
 
 Samples are the ids in the tag stage's tags.parquet; their popularity signals and creation year come
 from the ingest stage's posts.parquet. Rows without a usable score, date or metadata are rejected
-with a reason code; everything else gets exactly one label.
+with a reason code; everything else gets exactly one label. Pictures (visuals/*.png): a contact sheet
+per label and the norm_score histogram with the label boundaries.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,12 +23,15 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
 from pipeline_config.quality import SIGNAL_COLUMNS, QualityConfig
+from pipeline_config.secrets import redact
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.quality import core
+from tasks.quality.visuals import make_label_sheets, make_norm_histogram
 
-CODE_VERSION = "quality-1"
+CODE_VERSION = "quality-2"  # 2: contact sheets and histogram in the report
 QUALITY_FILE = "quality.parquet"
 REJECTS_FILE = "rejects.parquet"
+MAX_ITEMS = 24  # thumbnails per label sheet
 
 
 def read_upstream(
@@ -229,6 +235,10 @@ def build(ctx: StageContext) -> StageResult:
     quality, rejects, info, report = build_quality(posts, tags, cfg)
     write_table(quality, ctx.work / QUALITY_FILE, QUALITY_SCHEMA)
     write_table(rejects, ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
+    ctx.progress(0.8, "drawing label sheets")
+    images, note = make_pictures(ctx, quality)
+    report.images.update(images)
+    report.summary_md += note
     ctx.progress(1.0, "done")
     ctx.log.info("quality: %s", info["label_counts"])
     return StageResult(
@@ -237,6 +247,35 @@ def build(ctx: StageContext) -> StageResult:
         manifest_fields={"method": info["method"], "label_counts": info["label_counts"]},
         report=report,
     )
+
+
+def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
+    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
+    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
+    started = time.monotonic()
+    images: dict[str, str] = {}
+    note = ""
+    for name, job in jobs.items():
+        try:
+            images.update(job())
+        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
+            error = redact(f"{type(exc).__name__}: {exc}")
+            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
+            note += f"\n\n**Warning:** {name} pictures not drawn: {error}"
+    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
+    return images, note
+
+
+def make_pictures(ctx: StageContext, quality: pa.Table) -> tuple[dict[str, str], str]:
+    """The norm_score histogram and one contact sheet per label (images from the ingest posts' pool paths)."""
+    def label_sheets() -> dict[str, str]:
+        posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path", "score"])
+        return make_label_sheets(quality, posts, ctx.store.pool_dir(), ctx.work, seed=ctx.cfg.seed, max_items=MAX_ITEMS)
+
+    return draw_pictures(ctx, {
+        "norm_score histogram": lambda: make_norm_histogram(quality, ctx.work),
+        "label sheets": label_sheets,
+    })
 
 
 SPEC = StageSpec(name="quality", upstream=("ingest", "tag"), code_version=CODE_VERSION, build=build)

@@ -1,8 +1,12 @@
 """The bucket stage end to end on committed ingest + quality outputs (real Parquet, real manifests)."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from data_contracts.bucket import BUCKETS_SCHEMA, BucketManifest
 from data_contracts.errors import ContractError, StageError
@@ -12,8 +16,10 @@ from data_contracts.tables import REJECTS_SCHEMA, read_table
 from pipeline_config.load import load_config
 from tasks.bucket.stage import SPEC
 from tasks.common.stage import run_stage
+from tasks.common.visuals import BOX
 from tests.bucket.test_core import KOHYA_512
 from tests.quality.data import commit_ingest, post, random_posts
+from tests.quality.test_stage import check_pictures, colour, ids_shown, write_pool_images
 from tests.stage_helpers import commit_output
 
 
@@ -24,6 +30,29 @@ def _commit_quality(store, ids, fp=None):
                          fields={"method": "kmeans", "label_counts": {"good score": len(ids)}}, fingerprint=fp)
 
 
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def assert_crop_drawn(px: np.ndarray, rgb: tuple[int, int, int], row: dict) -> None:
+    """In a flat-colour post's preview, the undimmed pixels fill the crop box (inside its 2-px outline)."""
+    kept = (np.abs(px - rgb).max(-1) <= 3)
+    dimmed = (np.abs(px - np.rint(np.asarray(rgb) * 0.45)).max(-1) <= 3)
+    x0, y0, x1, y1 = _bbox(kept | dimmed)
+    near = np.zeros_like(kept)
+    near[max(0, y0 - 3):y1 + 4, max(0, x0 - 3):x1 + 4] = True
+    ix0, iy0, ix1, iy1 = _bbox(kept | dimmed | (near & (np.abs(px - BOX).max(-1) <= 3)))  # the whole resized image
+    sx, sy = (ix1 - ix0 + 1) / row["resize_w"], (iy1 - iy0 + 1) / row["resize_h"]
+    kx0, ky0, kx1, ky1 = _bbox(kept)
+    expect = (ix0 + row["crop_left"] * sx + 2, iy0 + row["crop_top"] * sy + 2,
+              ix0 + row["crop_right"] * sx - 3, iy0 + row["crop_bottom"] * sy - 3)
+    assert np.allclose((kx0, ky0, kx1, ky1), expect, atol=1.5), (row, (kx0, ky0, kx1, ky1), expect)
+
+
+TREE = {"bucket": {"batch_size": 6, "world_size": 2, "crop": "random", "flip_prob": 0.5}}
+
+
 @pytest.fixture
 def store(tmp_path):
     return ArtifactStore(str(tmp_path / "data"), local_cache=tmp_path / "cache")
@@ -32,9 +61,10 @@ def store(tmp_path):
 def test_bucket_stage_end_to_end(store):
     rows = random_posts(300) + [post(1, width=100, height=120), post(2, width=None, height=None)]
     commit_ingest(store, rows)
+    write_pool_images(store, rows)
     ids = [r["id"] for r in rows if r["id"] != 1000] + [999_999]  # 1000 not a survivor; 999999 unknown
     _commit_quality(store, ids)
-    cfg = load_config({"bucket": {"batch_size": 6, "world_size": 2, "crop": "random", "flip_prob": 0.5}})
+    cfg = load_config(TREE)
 
     out = run_stage(SPEC, cfg, store)
     m = store.read_manifest(BucketManifest)
@@ -55,15 +85,39 @@ def test_bucket_stage_end_to_end(store):
     bucket_rows = out.report.tables["bucket-table"]
     assert len(bucket_rows) == 17 and sum(r["count"] for r in bucket_rows) == 299
     assert sum(r["assigned"] for r in bucket_rows) == 299
-    png = store.path(m, out.report.images["aspect-ratio histogram"], verify=True)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pictures: the histogram and one crop-box sheet per bucket (the 12 fullest), each showing only that
+    # bucket's posts, with the crop box outlined
+    pictures = check_pictures(store, m, out.report.images)
+    assert pictures.pop("aspect-ratio histogram").size == (700, 300)
+    fullest = sorted(m.bucket_counts.items(), key=lambda kv: (-kv[1], [int(v) for v in kv[0].split("x")]))[:12]
+    assert list(pictures) == [f"bucket {name}" for name, _ in fullest]
+    bucket_of = {r["id"]: f"{r['bucket_w']}x{r['bucket_h']}" for r in table.to_pylist()}
+    for name, count in fullest:
+        png = store.path(m, out.report.images[f"bucket {name}"])
+        shown = ids_shown(png, bucket_of, min_px=150)
+        assert {bucket_of[i] for i in shown} == {name} and len(shown) == min(16, count), name
+        px = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        assert (np.abs(px - BOX).max(-1) < 30).sum() >= 4 * 100 * min(16, count), name  # >= 100 box px a tile
+    assert "not drawn" not in out.report.summary_md
+    first = f"bucket {fullest[0][0]}"  # more samples than a sheet holds: the seed picks which
+    assert fullest[0][1] > 16
+    sheet = store.path(m, out.report.images[first]).read_bytes()
+    shown = ids_shown(store.path(m, out.report.images[first]), bucket_of, min_px=150)
+    px = np.asarray(Image.open(store.path(m, out.report.images[first])).convert("RGB")).astype(int)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for i in shown:  # the box sits where buckets.parquet says this post is cropped (random crop)
+        assert_crop_drawn(px, colour(i), by_id[i])
 
     again = run_stage(SPEC, cfg, store)
-    assert again.cached
+    assert again.cached and again.report.images == out.report.images
     same = read_table(store.path(again.manifest, "buckets.parquet"), BUCKETS_SCHEMA)
     forced = run_stage(SPEC, cfg, store, force=True)
     assert not forced.cached
     assert read_table(store.path(forced.manifest, "buckets.parquet"), BUCKETS_SCHEMA).equals(same)
+    assert store.path(forced.manifest, out.report.images[first]).read_bytes() == sheet  # same seed, same bytes
+    reseeded = run_stage(SPEC, load_config({**TREE, "seed": 1}), store, force=True)
+    other = ids_shown(store.path(reseeded.manifest, reseeded.report.images[first]), bucket_of, min_px=150)
+    assert len(other) == len(shown) and other != shown
 
 
 def test_bucket_stage_merges_small_buckets_reported_in_manifest(store):
@@ -90,3 +144,22 @@ def test_quality_output_without_its_table_is_a_contract_error(store):
     commit_output(store, QualityManifest, {}, fields={"method": "kmeans"})
     with pytest.raises(ContractError, match="quality.parquet"):
         run_stage(SPEC, load_config({}), store)
+
+
+def test_a_failing_picture_is_a_warning_not_a_failure(store, monkeypatch, caplog):
+    rows = random_posts(100)
+    commit_ingest(store, rows)
+    write_pool_images(store, rows)
+    _commit_quality(store, [r["id"] for r in rows])
+
+    def broken(*args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr("tasks.bucket.stage.make_bucket_sheets", broken)
+    caplog.set_level(logging.WARNING)
+    out = run_stage(SPEC, load_config({}), store)
+    assert out.manifest.row_counts["buckets"] == 100
+    assert "bucket sheets pictures not drawn: MemoryError: cannot allocate" in out.report.summary_md
+    assert "bucket sheets pictures not drawn" in caplog.text
+    assert list(out.report.images) == ["aspect-ratio histogram"]
+    check_pictures(store, out.manifest, out.report.images)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data_contracts.errors import ConfigError, StageError
 from data_contracts.ingest import POSTS_SCHEMA, REJECTS, IngestManifest
@@ -16,6 +20,7 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tables import read_table
 from pipeline_config.ingest import FilterConfig
 from pipeline_config.load import load_config
+from tasks.common import visuals as v
 from tasks.common.stage import run_stage
 from tasks.ingest.filters import PostFilter
 from tasks.ingest.ledger import Ledger
@@ -51,6 +56,22 @@ def outputs(outcome, store):
     posts = read_table(folder / "posts.parquet", POSTS_SCHEMA)
     rejects = read_table(folder / "rejects.parquet", REJECTS)
     return posts, rejects, store.pool_dir()
+
+
+def check_pictures(store, manifest, images: dict[str, str]) -> None:
+    """Every picture is a listed file of the committed output (sha256 checked) and a plausible PNG."""
+    for caption, rel in images.items():
+        img = Image.open(store.path(manifest, rel, verify=True))
+        assert img.format == "PNG" and 480 <= img.width <= 1600 and 150 <= img.height <= 4000, (caption, img.size)
+
+
+def first_tile_matches(png: Path, image: Path) -> bool:
+    """The sheet's first thumbnail is this image (below a title of one or two lines)."""
+    px = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    expected = np.asarray(v.thumbnail(image)).astype(int)
+    lh = v.line_height()
+    tops = [lines * lh + 2 * v.PAD for lines in (1, 2)]
+    return min(np.abs(px[y:y + v.THUMB, v.PAD:v.PAD + v.THUMB] - expected).mean() for y in tops) < 1.0
 
 
 def expected_split(minibooru, cfg):
@@ -112,6 +133,19 @@ def test_api_source_dedupes_across_queries_and_rejects_with_reasons(minibooru, m
     assert all(r["target"] == (r["character"] == char) for r in tables["per_character"])
     assert "verified posts" in outcome.report.summary_md
     assert not (Path(outcome.output_path) / "journal").exists()
+    # pictures: a contact sheet per character and per series (the 12 largest), best score first; no reject
+    # has an image here (metadata rejects are never downloaded), so no rejects sheet
+    images = outcome.report.images
+    series = Counter(s for row in posts.column("tags_copyright").to_pylist() for s in row)
+    largest = {kind: sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:12]
+               for kind, counts in (("character", chars), ("series", series))}
+    assert list(images) == [f"{kind}: {tag}" for kind in ("character", "series") for tag, _ in largest[kind]]
+    check_pictures(store, m, images)
+    tag, n = largest["character"][0]
+    assert n <= 24  # all of them on the sheet: the best-scored one is the first tile
+    best = max((r for r in posts.to_pylist() if tag in r["tags_character"]), key=lambda r: (r["score"], -r["id"]))
+    assert first_tile_matches(store.path(m, images[f"character: {tag}"]), pool / best["image_path"])
+    assert "not drawn" not in outcome.report.summary_md
 
 
 def test_quota_stops_the_crawl_early(minibooru_server, tmp_path):
@@ -219,3 +253,36 @@ def test_ledger_dedupes_md5_and_replays_after_a_torn_line(tmp_path):
     again.commit(again.select([], flt, "auto", [10])[0], q=0, page_param="b1", next_cursor="b1", done=True, n=0)
     again.close()
     assert Ledger(tmp_path, 1).queries[0].done  # the torn line was cut, later records are readable
+
+
+def test_pictures_show_rejects_with_an_image_and_survive_a_failure(minibooru, minibooru_server_factory, tmp_path,
+                                                                    monkeypatch, caplog):
+    # A re-upload: post `dup` carries the md5 of the newer post `owner`, so it is rejected as duplicate_md5 and
+    # its image (the owner's file) is in the pool: the rejects sheet shows it.
+    booru = tmp_path / "booru"
+    shutil.copytree(minibooru.root, booru)
+    ok, _ = expected_split(minibooru, make_cfg(tmp_path, "http://unused"))
+    raws = minibooru.load_posts()
+    jpgs = [r for r in raws if r["id"] in ok and r["file_ext"] == "jpg"]
+    owner, dup = jpgs[-1], jpgs[0]
+    lines = [json.dumps(r).replace(dup["md5"], owner["md5"]) if r["id"] == dup["id"] else json.dumps(r) for r in raws]
+    (booru / "posts.jsonl").write_text("\n".join(lines) + "\n")
+    server = minibooru_server_factory(booru_dir=booru)
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("tasks.ingest.stage.make_series_sheets", broken)
+    caplog.set_level(logging.WARNING)
+    outcome, store = run(make_cfg(tmp_path, server.url, queries=[{"tags": "", "quota": 1000}]))
+    posts, rejects, pool = outputs(outcome, store)
+    by_id = {r["id"]: r for r in rejects.to_pylist()}
+    assert by_id[dup["id"]]["reason"] == "duplicate_md5" and owner["id"] in posts.column("id").to_pylist()
+    images = outcome.report.images
+    assert "rejects by reason" in images and images and all(c.startswith(("character: ", "rejects")) for c in images)
+    check_pictures(store, outcome.manifest, images)
+    owner_path = pool / f"images/{owner['md5'][:2]}/{owner['md5']}.jpg"
+    assert first_tile_matches(store.path(outcome.manifest, images["rejects by reason"]), owner_path)
+    # the failing series sheets: a warning in the summary and the log, the stage and other pictures stand
+    assert "series pictures not drawn: OSError: No space left on device" in outcome.report.summary_md
+    assert "series pictures not drawn" in caplog.text
