@@ -7,24 +7,21 @@ Pictures: the aspect-ratio histogram and, per bucket, thumbnails with the crop b
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from data_contracts.bucket import BUCKETS_SCHEMA
-from data_contracts.errors import ContractError, StageError
+from data_contracts.errors import StageError
 from data_contracts.ingest import POSTS_SCHEMA
-from data_contracts.manifest import StageManifest
 from data_contracts.quality import QUALITY_SCHEMA
-from data_contracts.store import ArtifactStore
-from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
+from data_contracts.tables import REJECTS_SCHEMA, write_table
 from pipeline_config.bucket import BucketConfig
-from pipeline_config.secrets import redact
 from tasks.bucket import core
 from tasks.bucket.visuals import make_bucket_sheets
+from tasks.common.upstream import read_upstream
+from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.common.visuals import new_figure
 
@@ -34,27 +31,6 @@ REJECTS_FILE = "rejects.parquet"
 HISTOGRAM_FILE = "aspect_ratio_histogram.png"
 MAX_ITEMS = 16  # thumbnails per bucket sheet
 MAX_BUCKETS = 12  # sheets: the fullest buckets
-
-
-def read_upstream(
-    store: ArtifactStore, manifest: StageManifest, name: str, schema: pa.Schema, columns: list[str]
-) -> pa.Table:
-    """`<name>.parquet`, or every `<name>/*.parquet` shard, of an upstream output (schema-checked)."""
-    listed = {f.path for f in manifest.files}
-    if f"{name}.parquet" in listed:
-        rels = [f"{name}.parquet"]
-    else:
-        rels = sorted(f.path for f in manifest.files_under(f"{name}/") if f.path.endswith(".parquet"))
-    if not rels:
-        raise ContractError(
-            f"{manifest.stage}/{manifest.fingerprint}: manifest lists no {name}.parquet (nor {name}/*.parquet); "
-            f"rerun `fm run {manifest.stage}`"
-        )
-    parts = [
-        read_table(store.path(manifest, rel), schema, f"{manifest.stage}/{manifest.fingerprint}/{rel}", columns)
-        for rel in rels
-    ]
-    return pa.concat_tables(parts)
 
 
 def _sizes(posts: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,23 +150,6 @@ def plot_histogram(width: np.ndarray, height: np.ndarray, final: dict[str, int],
     tmp = path.with_name(f".{path.name}.tmp")  # the store never lists *.tmp
     fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: same bytes every run
     tmp.replace(path)
-
-
-def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
-    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
-    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
-    started = time.monotonic()
-    images: dict[str, str] = {}
-    note = ""
-    for name, job in jobs.items():
-        try:
-            images.update(job())
-        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
-            error = redact(f"{type(exc).__name__}: {exc}")
-            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
-            note += f"\n\n**Warning:** {name} pictures not drawn: {error}"
-    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
-    return images, note
 
 
 def make_pictures(ctx: StageContext, table: pa.Table, bucket_counts: dict[str, int]) -> tuple[dict[str, str], str]:

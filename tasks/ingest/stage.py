@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from data_contracts.errors import ConfigError
@@ -20,6 +20,7 @@ from data_contracts.tables import read_table
 from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import redact
+from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.ingest.api import resolve_credentials
 from tasks.ingest.assemble import assemble
@@ -85,23 +86,6 @@ def build(ctx: StageContext) -> StageResult:
                          "reject_reasons": reasons},
         report=StageReport(summary_md=summary + note, tables=tables, images=images),
     )
-
-
-def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
-    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
-    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
-    started = time.monotonic()
-    images: dict[str, str] = {}
-    note = ""
-    for name, job in jobs.items():
-        try:
-            images.update(job())
-        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
-            error = redact(f"{type(exc).__name__}: {exc}")
-            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
-            note += f"\n**Warning:** {name} pictures not drawn: {error}\n"
-    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
-    return images, note
 
 
 def make_pictures(ctx: StageContext, reject_images: dict[int, str]) -> tuple[dict[str, str], str]:

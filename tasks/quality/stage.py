@@ -7,23 +7,20 @@ per label and the norm_score histogram with the label boundaries.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_contracts.errors import ConfigError, ContractError, StageError
+from data_contracts.errors import ConfigError, StageError
 from data_contracts.ingest import POSTS_SCHEMA
-from data_contracts.manifest import StageManifest
 from data_contracts.quality import QUALITY_LABELS, QUALITY_SCHEMA
-from data_contracts.store import ArtifactStore
-from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
+from data_contracts.tables import REJECTS_SCHEMA, write_table
 from data_contracts.tag import TAGS_SCHEMA
 from pipeline_config.quality import SIGNAL_COLUMNS, QualityConfig
-from pipeline_config.secrets import redact
+from tasks.common.upstream import read_upstream
+from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.quality import core
 from tasks.quality.visuals import make_label_sheets, make_norm_histogram
@@ -32,27 +29,6 @@ CODE_VERSION = "quality-2"  # 2: contact sheets and histogram in the report
 QUALITY_FILE = "quality.parquet"
 REJECTS_FILE = "rejects.parquet"
 MAX_ITEMS = 24  # thumbnails per label sheet
-
-
-def read_upstream(
-    store: ArtifactStore, manifest: StageManifest, name: str, schema: pa.Schema, columns: list[str]
-) -> pa.Table:
-    """`<name>.parquet`, or every `<name>/*.parquet` shard, of an upstream output (schema-checked)."""
-    listed = {f.path for f in manifest.files}
-    if f"{name}.parquet" in listed:
-        rels = [f"{name}.parquet"]
-    else:
-        rels = sorted(f.path for f in manifest.files_under(f"{name}/") if f.path.endswith(".parquet"))
-    if not rels:
-        raise ContractError(
-            f"{manifest.stage}/{manifest.fingerprint}: manifest lists no {name}.parquet (nor {name}/*.parquet); "
-            f"rerun `fm run {manifest.stage}`"
-        )
-    parts = [
-        read_table(store.path(manifest, rel), schema, f"{manifest.stage}/{manifest.fingerprint}/{rel}", columns)
-        for rel in rels
-    ]
-    return pa.concat_tables(parts)
 
 
 def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
@@ -247,23 +223,6 @@ def build(ctx: StageContext) -> StageResult:
         manifest_fields={"method": info["method"], "label_counts": info["label_counts"]},
         report=report,
     )
-
-
-def draw_pictures(ctx: StageContext, jobs: dict[str, Callable[[], dict[str, str]]]) -> tuple[dict[str, str], str]:
-    """Run each picture job; one that raises is logged and named in the returned summary note, never fatal
-    (pictures are for people: a missing one must not cost the data). Returns (images, summary note)."""
-    started = time.monotonic()
-    images: dict[str, str] = {}
-    note = ""
-    for name, job in jobs.items():
-        try:
-            images.update(job())
-        except Exception as exc:  # noqa: BLE001 -- whatever went wrong, the tables stand without the picture
-            error = redact(f"{type(exc).__name__}: {exc}")
-            ctx.log.warning("%s: %s pictures not drawn: %s", ctx.stage, name, error, exc_info=True)
-            note += f"\n\n**Warning:** {name} pictures not drawn: {error}"
-    ctx.log.info("%s: %d pictures in %.1fs", ctx.stage, len(images), time.monotonic() - started)
-    return images, note
 
 
 def make_pictures(ctx: StageContext, quality: pa.Table) -> tuple[dict[str, str], str]:
