@@ -2,23 +2,35 @@
 
 Layout (local paths or any fsspec URL):
     <root>/<stage>/<fp>/...files..., manifest.json   complete output (manifest written last)
-    <root>/<stage>/_work/<fp>/                        work in progress (local), resumable
+    <root>/<stage>/_work/<fp>/                        work in progress, resumable (see below)
     <root>/<stage>/CURRENT                            {"fingerprint": ...} of the current output
     <root>/pool/...                                   content-addressed data shared across runs (images)
 
 A folder without a valid manifest is incomplete and never read. On a local root the commit is one
 rename of the finished work folder; on object storage the files are uploaded first and the manifest
 last, and an output folder without a manifest is removed before it is written again.
+
+Object storage (any fsspec URL that is not a local path, e.g. s3://bucket/prefix):
+- a stage works in a local folder under `<local_cache>/work/<root slug>/`; files that other machines must
+  see before the commit (the journal of a sharded stage) are published with `work_put` to
+  `<root>/<stage>/_work/<fp>/` and read back with `work_get`;
+- the pool lives on the store; `pool_dir()` is this machine's local mirror of it. Writers publish with
+  `pool_put`, readers make files local with `pool_fetch` / `pool_get` (downloaded once, checked by size);
+- outputs are read through a local download cache (`path`), verified against the manifest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import fsspec
 
@@ -29,6 +41,17 @@ from data_contracts.manifest import MANIFEST_NAME, FileEntry, StageManifest, par
 M = TypeVar("M", bound=StageManifest)
 CURRENT_NAME = "CURRENT"
 WORK_DIR = "_work"
+POOL_DIR = "pool"
+TRANSFER_THREADS = 16  # concurrent object-store transfers (each is mostly waiting on the network)
+
+# Local pool mirror folder -> the object-store-backed store it mirrors. Lets code that only holds the
+# pool folder (the ingest downloader) publish into the store: see `remote_pool`.
+_REMOTE_POOLS: dict[Path, "ArtifactStore"] = {}
+
+
+def remote_pool(folder: str | Path) -> "ArtifactStore | None":
+    """The object-store-backed store whose local pool mirror is `folder`; None for a plain local pool."""
+    return _REMOTE_POOLS.get(Path(folder))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,6 +69,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _move_into(src: Path, final: Path) -> None:
+    """Atomic rename into place, creating the folder (again, if someone removed it meanwhile)."""
+    try:
+        os.replace(src, final)
+    except FileNotFoundError:
+        if not Path(src).exists():
+            raise
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, final)
+
+
+def _local_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def list_files(folder: Path) -> list[FileEntry]:
     """Every file under folder (except the manifest and temp files) with size and sha256."""
     entries = []
@@ -58,13 +99,34 @@ def list_files(folder: Path) -> list[FileEntry]:
 
 
 class ArtifactStore:
-    def __init__(self, root: str, local_cache: str | Path = ".data/cache") -> None:
+    def __init__(self, root: str, local_cache: str | Path = ".data/cache",
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        """root: a local folder or an fsspec URL; storage_options: fsspec arguments for it (endpoint,
+        region...; credentials come from the environment, never from here)."""
         self.root_url = str(root).rstrip("/")
-        self.fs, self._root = fsspec.core.url_to_fs(self.root_url)
+        options = dict(storage_options or {})
+        if fsspec.core.split_protocol(self.root_url)[0] not in (None, "file", "local"):
+            # Other processes (workers, other runs) change the store under us: never answer from a
+            # cached directory listing (a stale one would hide a manifest that was just written).
+            options.setdefault("use_listings_cache", False)
+        self.fs, self._root = fsspec.core.url_to_fs(self.root_url, **options)
         self.is_local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
-        self.local_cache = Path(local_cache)
+        self.local_cache = Path(local_cache).absolute()
+        # Local caches of different roots never mix (two buckets may hold the same fingerprint).
+        self._slug = "" if self.is_local else (
+            re.sub(r"[^A-Za-z0-9]+", "-", self.root_url)[:48].strip("-") + "-"
+            + hashlib.sha256(self.root_url.encode()).hexdigest()[:8])
+        self._lock = threading.Lock()
+        self._pool_sizes: dict[str, int] | None = None  # object storage: rel -> size, listed once
+        self._mirror: Path | None = None  # object storage: the local pool mirror, once made
         if self.is_local:
             Path(self._root).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> "ArtifactStore":
+        """The store a pipeline config names (data_root, runtime.cache_dir, runtime.storage_options)."""
+        runtime = cfg.runtime
+        return cls(cfg.data_root, runtime.cache_dir, getattr(runtime, "storage_options", None) or None)
 
     # --- paths -----------------------------------------------------------------------------
     def _join(self, *parts: str) -> str:
@@ -77,17 +139,137 @@ class ArtifactStore:
         path = self.output_path(stage, fingerprint)
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
-    def pool_dir(self) -> Path:
-        """Local folder for content-addressed data shared across runs (downloaded images)."""
-        if not self.is_local:
-            # Object storage: stage pools in the local cache; stages upload what they publish.
-            return self.local_cache / "pool"
-        return Path(self._join("pool"))
-
     def work_dir(self, stage: str, fingerprint: str) -> Path:
+        """The local work folder of an output in progress."""
         if self.is_local:
             return Path(self._join(stage, WORK_DIR, fingerprint))
-        return self.local_cache / "work" / stage / fingerprint
+        return self.local_cache / "work" / self._slug / stage / fingerprint
+
+    def work_url(self, stage: str, fingerprint: str) -> str:
+        """Where other machines see the published files of an output in progress."""
+        path = self._join(stage, WORK_DIR, fingerprint)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    # --- the pool: content-addressed files shared by every run on this root ----------------------
+    def pool_dir(self) -> Path:
+        """The local folder of the pool: the pool itself on a local root; on object storage this machine's
+        mirror of `<root>/pool/` (files appear there through pool_put / pool_fetch / pool_get)."""
+        if self.is_local:
+            return Path(self._join(POOL_DIR))
+        if self._mirror is None:
+            folder = self.local_cache / POOL_DIR / self._slug
+            folder.mkdir(parents=True, exist_ok=True)
+            _REMOTE_POOLS[folder] = self
+            self._mirror = folder
+        return self._mirror
+
+    def pool_url(self, rel: str = "") -> str:
+        """The pool (or one of its files) as a path/URL on the store."""
+        path = self._join(POOL_DIR, rel) if rel else self._join(POOL_DIR)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def pool_index(self) -> dict[str, int]:
+        """Object storage only: rel -> size of every pool file, from one listing per store (kept current by
+        pool_put). Far cheaper than one HEAD request per file when a crawl asks about each post."""
+        if self.is_local:
+            raise ValueError("pool_index is for object storage; a local pool answers pool_size directly")
+        with self._lock:
+            if self._pool_sizes is None:
+                base = self._join(POOL_DIR)
+                found = self.fs.find(base, detail=True) if self.fs.exists(base) else {}
+                self._pool_sizes = {
+                    name[len(base) + 1:]: int(info.get("size") or 0)
+                    for name, info in found.items() if info.get("type", "file") == "file"
+                }
+            return self._pool_sizes
+
+    def pool_size(self, rel: str) -> int | None:
+        """Size of a pool file on the store; None when it is not there."""
+        if self.is_local:
+            return _local_size(self.pool_dir() / rel)
+        return self.pool_index().get(rel)
+
+    def pool_has(self, rel: str, size: int | None = None) -> bool:
+        """Whether the pool holds `rel` (of `size` bytes, when given and non-zero)."""
+        found = self.pool_size(rel)
+        if found is not None and (not size or found == size):
+            return True
+        if not self.is_local:
+            local = self.pool_dir() / rel
+            have = _local_size(local)
+            if have is not None and (not size or have == size):
+                self._pool_upload(local, rel)  # a verified mirror copy that never reached the store
+                return True
+        return False
+
+    def pool_put(self, local_file: str | Path, rel: str) -> Path:
+        """Publish a complete, verified file as pool file `rel`; the file is moved (temp files welcome).
+
+        Local root: one atomic rename into the pool. Object storage: one upload (a single PUT, so readers
+        see all of it or nothing), then the file becomes this machine's mirror copy. Returns that local path.
+        """
+        local_file = Path(local_file)
+        final = self.pool_dir() / rel
+        if not self.is_local:
+            self._pool_upload(local_file, rel)
+        if local_file != final:
+            _move_into(local_file, final)
+        return final
+
+    def _pool_upload(self, local_file: Path, rel: str) -> None:
+        size = local_file.stat().st_size
+        self.fs.put_file(str(local_file), self._join(POOL_DIR, rel))
+        index = self.pool_index()
+        with self._lock:
+            index[rel] = size
+
+    def pool_fetch(self, rels: Iterable[str], sizes: Iterable[int | None] | None = None) -> Path:
+        """Make pool files readable under pool_dir() and return that folder.
+
+        Object storage: each file missing from the mirror (or of another size than `sizes` says) is
+        downloaded once to a temp name, checked by size, then renamed into place. Files the pool does not
+        hold stay missing, exactly as on a local root, so readers report them the same way.
+        """
+        folder = self.pool_dir()
+        if self.is_local:
+            return folder
+        rels = list(rels)
+        want = list(sizes) if sizes is not None else [None] * len(rels)
+        todo = []
+        for rel, size in zip(rels, want):
+            have = _local_size(folder / rel)
+            if have is not None and size and have != size:
+                (folder / rel).unlink(missing_ok=True)  # a stale copy: never read it
+                have = None
+            if have is None:
+                todo.append((rel, size))
+        if todo:
+            with ThreadPoolExecutor(min(TRANSFER_THREADS, len(todo))) as pool:
+                list(pool.map(lambda item: self._pool_download(folder, *item), todo))
+        return folder
+
+    def _pool_download(self, folder: Path, rel: str, size: int | None) -> None:
+        final = folder / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self.fs.get_file(self._join(POOL_DIR, rel), str(tmp))
+            got = tmp.stat().st_size
+            if size and got != size:
+                raise ContractError(f"{self.pool_url(rel)}: {got} bytes, expected {size} (posts table); "
+                                    "rerun `fm run ingest --force`")
+            _move_into(tmp, final)
+        except FileNotFoundError:
+            pass  # not in the pool: the reader reports it as a missing file
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def pool_get(self, rel: str, size: int | None = None) -> Path:
+        """A local path to one pool file (downloaded once on object storage, checked by size)."""
+        path = self.pool_fetch([rel], [size]) / rel
+        if not path.is_file():
+            raise ContractError(f"{self.pool_url(rel)} is not in the pool; rerun `fm run ingest --force`")
+        return path
 
     # --- reading ---------------------------------------------------------------------------
     def is_complete(self, stage: str, fingerprint: str) -> bool:
@@ -125,7 +307,7 @@ class ArtifactStore:
         if self.is_local:
             local = Path(self._join(manifest.stage, manifest.fingerprint, rel))
         else:
-            local = self.local_cache / "read" / manifest.stage / manifest.fingerprint / rel
+            local = self.local_cache / "read" / self._slug / manifest.stage / manifest.fingerprint / rel
             if not local.exists() or local.stat().st_size != entry.size:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 tmp = local.with_name(local.name + f".{uuid.uuid4().hex[:6]}.tmp")
@@ -150,10 +332,42 @@ class ArtifactStore:
     def begin(self, stage: str, fingerprint: str, resume: bool) -> Path:
         """The local work folder for an output; kept across kills when the stage can resume."""
         work = self.work_dir(stage, fingerprint)
-        if work.exists() and not resume:
-            shutil.rmtree(work)
+        if not resume:
+            if work.exists():
+                shutil.rmtree(work)
+            if not self.is_local:
+                self._rm_remote(self._join(stage, WORK_DIR, fingerprint))
         work.mkdir(parents=True, exist_ok=True)
         return work
+
+    def work_put(self, stage: str, fingerprint: str, rel: str) -> None:
+        """Publish a finished file of the work folder so other machines see it (a no-op on a local root,
+        where the work folder already is under the root). Publish the file that marks a step done last."""
+        if not self.is_local:
+            self.fs.put_file(str(self.work_dir(stage, fingerprint) / rel), self._join(stage, WORK_DIR, fingerprint, rel))
+
+    def work_get(self, stage: str, fingerprint: str, rel: str) -> Path | None:
+        """A file of the work folder, downloaded when another machine published it; None when nobody has."""
+        local = self.work_dir(stage, fingerprint) / rel
+        if local.is_file() or self.is_local:
+            return local if local.is_file() else None
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self._join(stage, WORK_DIR, fingerprint, rel), str(tmp))
+            _move_into(tmp, local)
+        except FileNotFoundError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local
+
+    def _rm_remote(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
 
     def commit(self, manifest: M, work: Path) -> M:
         """List every file with size + sha256, write the manifest last, publish atomically."""
@@ -171,12 +385,13 @@ class ArtifactStore:
                 os.replace(work, final)
         else:
             final = self._join(stage, fp)
-            if self.fs.exists(final):
-                self.fs.rm(final, recursive=True)
-            for entry in manifest.files:
-                self.fs.put_file(str(work / entry.path), f"{final}/{entry.path}")
-            self._write_small(f"{final}/{MANIFEST_NAME}", manifest.to_json())
+            self._rm_remote(final)
+            if manifest.files:
+                self.fs.put([str(work / e.path) for e in manifest.files],
+                            [f"{final}/{e.path}" for e in manifest.files])
+            self._write_small(f"{final}/{MANIFEST_NAME}", manifest.to_json())  # last: now it is complete
             shutil.rmtree(work, ignore_errors=True)
+            self._rm_remote(self._join(stage, WORK_DIR, fp))
         self.set_current(stage, fp)
         return manifest
 
@@ -193,6 +408,11 @@ class ArtifactStore:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(str(child))
         stage_path = self._join(stage)
+        if not self.is_local and self.fs.exists(f"{stage_path}/{WORK_DIR}"):
+            for child in self.fs.ls(f"{stage_path}/{WORK_DIR}", detail=False):
+                if child.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                    self._rm_remote(child)
+                    removed.append(child)
         if self.fs.exists(stage_path):
             for child in self.fs.ls(stage_path, detail=False):
                 name = child.rstrip("/").rsplit("/", 1)[-1]

@@ -41,7 +41,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline_config.load import load_config
 
     cfg = load_config(args.config, args.override)
-    store = ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+    store = ArtifactStore.for_config(cfg)
     manifest = store.read_manifest(manifest_class(args.stage), args.fingerprint)
     for entry in manifest.files:  # validates size and sha256 of every listed file
         store.path(manifest, entry.path, verify=not args.quick)
@@ -116,7 +116,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir
     if checkpoint == "current":  # the current train output of the config
         cfg = load_config(args.config, args.override)
-        store = ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+        store = ArtifactStore.for_config(cfg)
         manifest = store.read_manifest(manifest_class("train"))
         checkpoint = str(store.path(manifest, manifest.checkpoint))
         cache_dir = cache_dir or cfg.runtime.cache_dir

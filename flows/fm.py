@@ -78,8 +78,30 @@ GPU_STAGES = frozenset({"tag", "cache", "train", "eval"})
 GPU_LIMIT = "booruflow-gpu"  # a Prefect global concurrency limit; `fm serve` creates it (1 slot per host)
 
 
+def worker_env() -> dict[str, str]:
+    """What a local cluster's worker processes need to report to this flow's Prefect API.
+
+    Workers inherit the environment, so a PREFECT_API_URL set there reaches them. Without one, this process
+    talks to a temporary API it started itself: pass its URL on, or each worker would start a temporary
+    server of its own (seconds each) and its task runs would be missing from this flow run.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return {}
+    try:
+        from prefect.client.orchestration import get_client
+
+        return {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
+    except Exception:  # no API at all (plain function call): the workers need none either
+        return {}
+
+
 def make_task_runner(cfg: PipelineConfig):
-    """The runner that executes a stage's shards: threads (default), Dask or Ray, by config."""
+    """The runner that executes a stage's shards: threads (default), Dask or Ray, by config.
+
+    With runner_address the cluster is yours: its workers need this project installed, the same
+    PREFECT_API_URL as the flow, and a data_root they can all reach (a shared folder or object storage).
+    Without one, a local cluster of runtime.max_workers single-threaded worker processes is started.
+    """
     kind, address = cfg.runtime.task_runner, cfg.runtime.runner_address
     if kind == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
@@ -92,12 +114,16 @@ def make_task_runner(cfg: PipelineConfig):
             raise ConfigError("runtime.task_runner=dask needs prefect-dask: pip install 'booruflow[dask]'") from exc
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runtime.max_workers, "threads_per_worker": 1})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runtime.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None, "env": worker_env()})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as exc:
         raise ConfigError("runtime.task_runner=ray needs prefect-ray: pip install 'booruflow[ray]'") from exc
-    return RayTaskRunner(address=address) if address else RayTaskRunner()
+    if address:
+        return RayTaskRunner(address=address)
+    return RayTaskRunner(init_kwargs={"num_cpus": cfg.runtime.max_workers,
+                                      "runtime_env": {"env_vars": worker_env()}})
 
 
 def _outcome_summary(stage: str, outcome: StageOutcome, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -112,7 +138,7 @@ def _outcome_summary(stage: str, outcome: StageOutcome, shards: list[dict[str, A
 
 
 def _store(cfg: PipelineConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.data_root, cfg.runtime.cache_dir)
+    return ArtifactStore.for_config(cfg)
 
 
 def _publish(stage: str, cfg: PipelineConfig, outcome: StageOutcome) -> None:

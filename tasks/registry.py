@@ -12,6 +12,7 @@ _MODULES: dict[str, str] = {
     "tag": "tasks.tag.stage",
     "quality": "tasks.quality.stage",
     "bucket": "tasks.bucket.stage",
+    "cache": "tasks.cache.stage",
 }
 
 

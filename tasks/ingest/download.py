@@ -5,9 +5,12 @@ A file enters the pool only after: the body was streamed to a temp file in the p
 and its decoded size equals the post's width x height. Then one atomic rename puts it at
 `images/<md5[:2]>/<md5>.<ext>`, so a file in the pool is always complete and verified, and a rerun after
 a kill skips it. Memory stays flat: bodies stream in 256 KiB chunks, one decode per verify worker.
+When the data root is on object storage, `pool` is the local mirror of the store's pool: the store's
+pool API (data_contracts.store) answers "is it there" and publishes each verified file with one upload.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -18,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from data_contracts.store import remote_pool
 from tasks.ingest.api import DanbooruClient, FetchFailed
 from tasks.ingest.parse import Post
 from tasks.ingest.reasons import Reject
@@ -48,6 +52,9 @@ class Outcome:
 def pool_has(pool: Path, post: Post) -> str | None:
     """The pool path of the post's file when a complete copy is already there (checked by size)."""
     rel = image_relpath(post.md5 or "", post.file_ext or "")
+    store = remote_pool(pool)
+    if store is not None:  # object storage: the store's pool listing decides
+        return rel if store.pool_has(rel, post.file_size) else None
     path = pool / rel
     try:
         size = path.stat().st_size
@@ -62,6 +69,10 @@ _MADE_DIRS: set[Path] = set()
 
 
 def commit_to_pool(tmp: Path, pool: Path, rel: str) -> None:
+    store = remote_pool(pool)
+    if store is not None:  # object storage: upload (one PUT), then the file becomes the mirror copy
+        store.pool_put(tmp, rel)
+        return
     final = pool / rel
     if final.parent not in _MADE_DIRS:  # 256 shard folders: one mkdir each per process
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +101,9 @@ def _alive(pid: int) -> bool:
 
 def clean_incoming(pool: Path, older_than_s: float = 6 * 3600) -> int:
     """Remove temp files left by killed runs: their process is gone, or they are very old."""
+    store = remote_pool(pool)
+    if store is not None:
+        store.pool_index()  # object storage: list the pool now, before any download is in flight
     folder = pool / "images" / INCOMING
     removed = 0
     if folder.exists():
@@ -162,7 +176,10 @@ class Downloader:
                 reject = await self.verifier.verify(tmp, post, actual, self.max_pixels, ctype)
                 self.stats["verify_s"] += time.perf_counter() - started
                 if reject is None:
-                    commit_to_pool(tmp, self.pool, rel)
+                    if remote_pool(self.pool) is not None:  # an upload: keep the event loop free
+                        await asyncio.to_thread(commit_to_pool, tmp, self.pool, rel)
+                    else:
+                        commit_to_pool(tmp, self.pool, rel)
                     return Outcome(True, image_path=rel, fetched_bytes=fetched, attempts=attempts)
                 if reject.reason not in CONTENT_REASONS:
                     break

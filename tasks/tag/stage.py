@@ -1,15 +1,22 @@
 """The tag stage: run the WD tagger over every ingested image, merge with the Danbooru tags, weight samples.
 
-Work happens in shards of `tag.shard_size` posts (in id order). Each finished shard is journaled in
-`<work>/journal/` (its tags table, then its rejects table — the rejects file is the "done" mark), so a
-killed run resumes at the first unfinished shard. The final step joins the shards, computes the
-tag-rarity weights over the whole dataset, writes tags.parquet + rejects.parquet + summary.json and
-only then removes the journal; a kill during that step redoes only that step.
+Work is split into shards of `tag.shard_size` posts (in id order). `plan_shards` lists the shards not
+done yet; `run_shard` tags one (on whichever worker the flow's task runner picks: threads, Dask, Ray, or
+in order under run_stage) and journals it in `<work>/journal/` (tags table, rejects table, then a small
+JSON that is the "done" mark), published through the store so a merge on another machine sees it. A
+killed run resumes at the first unfinished shard. `build` then joins the shards (running any shard that
+is still missing), computes the tag-rarity weights over the whole dataset, writes tags.parquet +
+rejects.parquet + summary.json + pictures, and only then removes the journal; a kill during that step
+redoes only that step. The shards' results do not depend on which worker ran them, so tags.parquet is
+the same bytes whatever the runner.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,20 +32,22 @@ from data_contracts.store import ArtifactStore, atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
-from tasks.tag.backends import choose_backend, load_backend, resolve_device
+from tasks.tag.backends import choose_backend, load_backend
 from tasks.tag.gpu_pipeline import BatchResult, run_pipeline
 from tasks.tag.cpu_pipeline import run_cpu_pipeline
 from tasks.tag.merge import Merger, MergeRules
 from tasks.tag.model import TaggerFolder, resolve_model
+from tasks.tag.visuals import make_tag_sheets
 from tasks.tag.weights import compute_weights, weight_stats, weight_tables
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: shards planned/run one by one (same tables), report pictures
 JOURNAL = "journal"
 SUMMARY = "summary.json"
 TAGS_FILE = "tags.parquet"
 REJECTS_FILE = "rejects.parquet"
 PARTIAL_SCHEMA = pa.schema([f for f in TAGS_SCHEMA if f.name != "tag_weight"])
-POST_COLUMNS = ["id", "tags_general", "tags_character", "tags_copyright", "tags_artist", "image_path"]
+POST_COLUMNS = ["id", "tags_general", "tags_character", "tags_copyright", "tags_artist", "image_path", "file_size"]
+SHEET_ITEMS = 24  # posts per picture
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -91,8 +100,112 @@ def tag_shard(posts: pa.Table, pool: Path, folder: TaggerFolder, cfg: Any, backe
     return rows, rejects
 
 
-def _shard_paths(journal: Path, k: int) -> tuple[Path, Path]:
-    return journal / f"shard-{k:05d}.tags.parquet", journal / f"shard-{k:05d}.rejects.parquet"
+# --- shards --------------------------------------------------------------------------------------
+def _shard_rels(k: int) -> tuple[str, str, str]:
+    """Journal files of shard k, relative to the work folder, in the order they are written."""
+    base = f"{JOURNAL}/shard-{k:05d}"
+    return f"{base}.tags.parquet", f"{base}.rejects.parquet", f"{base}.done.json"
+
+
+# One worker process runs many shards of one stage run: read the posts and load the tagger once per
+# process (one entry each, keyed by what decides them; the fingerprint covers the model files).
+_CACHE_LOCK = threading.Lock()
+_POSTS: dict[tuple, pa.Table] = {}
+_TAGGERS: dict[tuple[str, str], tuple[TaggerFolder, str, Any]] = {}
+
+
+def _posts(ctx: StageContext) -> pa.Table:
+    manifest = ctx.upstream["ingest"]
+    # Keyed by content (a forced re-crawl may keep the fingerprint and change the posts).
+    key = (ctx.store.root_url, manifest.fingerprint, tuple(manifest.file(r).sha256 for r in posts_files(manifest)))
+    with _CACHE_LOCK:
+        if key not in _POSTS:
+            _POSTS.clear()
+            _POSTS[key] = read_posts(ctx.store, manifest)
+        return _POSTS[key]
+
+
+def _tagger(ctx: StageContext, load: bool = True) -> tuple[TaggerFolder, str, Any]:
+    """(folder, backend kind, loaded backend or None)."""
+    cfg = ctx.section
+    key = (ctx.fingerprint, str(ctx.cfg.runtime.cache_dir))
+    with _CACHE_LOCK:
+        hit = _TAGGERS.get(key)
+        if hit is None or (load and hit[2] is None):
+            folder = hit[0] if hit else resolve_model(cfg.model, Path(ctx.cfg.runtime.cache_dir))
+            kind = hit[1] if hit else choose_backend(folder, cfg.backend, cfg.device)
+            backend = load_backend(folder, kind, cfg.device, cfg.compile) if load else None
+            if backend is not None:
+                ctx.log.info("tag: %s backend on %s, input %d px", backend.name, backend.device, backend.input_size)
+            _TAGGERS.clear()
+            hit = _TAGGERS[key] = (folder, kind, backend)
+        return hit
+
+
+def _shard_of(posts: pa.Table, k: int, size: int) -> dict[str, Any]:
+    start, stop = k * size, min(posts.num_rows, (k + 1) * size)
+    ids = posts["id"]
+    return {"index": k, "start": start, "stop": stop,
+            "first_id": ids[start].as_py(), "last_id": ids[stop - 1].as_py()}
+
+
+def _n_shards(posts: pa.Table, size: int) -> int:
+    return (posts.num_rows + size - 1) // size
+
+
+def _journaled(ctx: StageContext, k: int) -> dict[str, Any] | None:
+    """The summary of shard k when it is done (fetching its files when another machine ran it)."""
+    tags_rel, rejects_rel, done_rel = _shard_rels(k)
+    done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel)
+    if done is None:
+        return None
+    for rel in (tags_rel, rejects_rel):  # published before the done mark
+        if ctx.store.work_get(ctx.stage, ctx.fingerprint, rel) is None:
+            return None
+    return json.loads(done.read_text())
+
+
+def _finished(ctx: StageContext) -> bool:
+    return all((ctx.work / name).exists() for name in (SUMMARY, TAGS_FILE, REJECTS_FILE))
+
+
+def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
+    """The shards still to tag (all of them on a fresh run; none once the merge has started)."""
+    if _finished(ctx):
+        return []
+    posts = _posts(ctx)
+    if posts.num_rows == 0:
+        raise StageError("the ingest output has no posts to tag; widen the ingest queries and rerun `fm run ingest`")
+    size = ctx.section.shard_size
+    return [_shard_of(posts, k, size) for k in range(_n_shards(posts, size)) if _journaled(ctx, k) is None]
+
+
+def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
+    """Tag one shard and journal it (idempotent: a done shard returns its summary at once)."""
+    k = int(shard["index"])
+    done = _journaled(ctx, k)
+    if done is not None:
+        return done
+    cfg = ctx.section
+    posts = _posts(ctx).slice(shard["start"], shard["stop"] - shard["start"])
+    ids = posts["id"]
+    if posts.num_rows == 0 or ids[0].as_py() != shard["first_id"] or ids[-1].as_py() != shard["last_id"]:
+        raise StageError(f"tag shard {k} does not match the ingest posts it was planned on; rerun `fm run tag`")
+    folder, kind, backend = _tagger(ctx)
+    # Object storage: bring this shard's images into the local pool mirror (once per machine).
+    pool = ctx.store.pool_fetch(posts["image_path"].to_pylist(), posts["file_size"].to_pylist())
+    rows, rejects = tag_shard(posts, pool, folder, cfg, backend, Merger(folder.labels, MergeRules.from_config(cfg)))
+    summary = {"index": k, "tagged": len(rows), "rejected": len(rejects), "first_id": shard["first_id"],
+               "last_id": shard["last_id"], "device": backend.device, "input_size": int(backend.input_size),
+               "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (for people)
+    tags_rel, rejects_rel, done_rel = _shard_rels(k)
+    write_table(rows_to_table(rows, PARTIAL_SCHEMA), ctx.work / tags_rel, PARTIAL_SCHEMA)
+    write_table(rows_to_table(rejects, REJECTS_SCHEMA), ctx.work / rejects_rel, REJECTS_SCHEMA)
+    atomic_write_text(ctx.work / done_rel, json.dumps(summary))
+    for rel in (tags_rel, rejects_rel, done_rel):  # the done mark last
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
+    ctx.log.info("tag: shard %d: %d tagged, %d rejected", k, len(rows), len(rejects))
+    return summary
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -175,47 +288,63 @@ def _meta(ctx: StageContext, folder: TaggerFolder, kind: str, device: str, input
     }
 
 
+def _sheet_ids(tags: pa.Table, seed: int) -> set[int]:
+    """The posts make_tag_sheets can show (the same `pick` over the same rows): fetched from object storage
+    before drawing. Were the two to drift apart, a tile would only show blank, never fail the stage."""
+    from tasks.common.visuals import pick
+
+    ids = tags["id"].to_numpy()
+    n_added = np.array([len(a or []) for a in tags["added"].to_pylist()])
+    n_disputed = np.array([len(d or []) for d in tags["disputed"].to_pylist()])
+    chosen: set[int] = set()
+    for rows in (np.flatnonzero((n_added > 0) | (n_disputed > 0)), np.flatnonzero(n_disputed > 0)):
+        chosen.update(int(i) for i in ids[rows][pick(ids[rows], SHEET_ITEMS, seed)])
+    return chosen
+
+
+def _pictures(ctx: StageContext, tags: pa.Table, posts: pa.Table) -> dict[str, str]:
+    """Contact sheets of what the tagger changed; a picture problem never fails the stage."""
+    seed = ctx.cfg.seed
+    try:
+        pool = ctx.store.pool_dir()
+        if not ctx.store.is_local:
+            wanted = _sheet_ids(tags, seed)
+            shown = posts.filter(pc.is_in(posts["id"], value_set=pa.array(sorted(wanted), pa.int64())))
+            pool = ctx.store.pool_fetch(shown["image_path"].to_pylist(), shown["file_size"].to_pylist())
+        return make_tag_sheets(tags, posts, pool, ctx.work, seed=seed, max_items=SHEET_ITEMS)
+    except Exception as exc:  # noqa: BLE001 - pictures are a report extra
+        ctx.log.warning("tag: report pictures skipped (%s: %s)", type(exc).__name__, exc)
+        return {}
+
+
 def build(ctx: StageContext) -> StageResult:
+    """Merge the journaled shards (running any still missing) into the stage's tables and report."""
     cfg = ctx.section
     summary_path = ctx.work / SUMMARY
-    if summary_path.exists() and (ctx.work / TAGS_FILE).exists() and (ctx.work / REJECTS_FILE).exists():
+    if _finished(ctx):
         return _result_from_summary(ctx, json.loads(summary_path.read_text()))  # killed while cleaning up
 
-    posts = read_posts(ctx.store, ctx.upstream["ingest"])
+    posts = _posts(ctx)
     if posts.num_rows == 0:
         raise StageError("the ingest output has no posts to tag; widen the ingest queries and rerun `fm run ingest`")
-    folder = resolve_model(cfg.model, Path(ctx.cfg.runtime.cache_dir))
     if cfg.model.startswith("builtin:"):
         ctx.log.warning("tag: %s is a random tiny stand-in (demo/tests); set tag.model to a WD tagger folder "
                         "for real tags", cfg.model)
-    kind = choose_backend(folder, cfg.backend, cfg.device)
-    journal = ctx.work / JOURNAL
-    journal.mkdir(parents=True, exist_ok=True)
-    n_shards = (posts.num_rows + cfg.shard_size - 1) // cfg.shard_size
-    pool = ctx.store.pool_dir()
-    backend = None
-    merger = Merger(folder.labels, MergeRules.from_config(cfg))
+    folder, kind, _ = _tagger(ctx, load=False)
+    n_shards = _n_shards(posts, cfg.shard_size)
+    shards = []
     for k in range(n_shards):
-        tags_path, rejects_path = _shard_paths(journal, k)
-        if rejects_path.exists() and tags_path.exists():
-            continue  # journaled by an earlier (killed) run
-        if backend is None:
-            backend = load_backend(folder, kind, cfg.device, cfg.compile)
-            ctx.log.info("tag: %s backend on %s, input %d px", backend.name, backend.device, backend.input_size)
-        shard = posts.slice(k * cfg.shard_size, cfg.shard_size)
-        rows, rejects = tag_shard(shard, pool, folder, cfg, backend, merger)
-        write_table(rows_to_table(rows, PARTIAL_SCHEMA), tags_path, PARTIAL_SCHEMA)
-        write_table(rows_to_table(rejects, REJECTS_SCHEMA), rejects_path, REJECTS_SCHEMA)  # the done mark
-        ctx.progress((k + 1) / n_shards, f"tagged shard {k + 1}/{n_shards}")
-        ctx.log.info("tag: shard %d/%d: %d tagged, %d rejected", k + 1, n_shards, len(rows), len(rejects))
+        done = _journaled(ctx, k)
+        shards.append(done if done is not None else run_shard(ctx, _shard_of(posts, k, cfg.shard_size)))
+        ctx.progress((k + 1) / n_shards, f"merging shard {k + 1}/{n_shards}")
 
-    parts = [_shard_paths(journal, k) for k in range(n_shards)]
-    tagged = pa.concat_tables([read_table(t, PARTIAL_SCHEMA) for t, _ in parts]).sort_by("id")
-    rejects = pa.concat_tables([read_table(r, REJECTS_SCHEMA) for _, r in parts]).sort_by("id")
+    parts = [_shard_rels(k) for k in range(n_shards)]
+    tagged = pa.concat_tables([read_table(ctx.work / t, PARTIAL_SCHEMA) for t, _, _ in parts]).sort_by("id")
+    rejects = pa.concat_tables([read_table(ctx.work / r, REJECTS_SCHEMA) for _, r, _ in parts]).sort_by("id")
     if tagged.num_rows == 0:
         reasons = Counter(rejects["reason"].to_pylist())
-        raise StageError(f"no image could be tagged ({dict(reasons)}); check the images under {pool} "
-                         "or rerun `fm run ingest --force`")
+        raise StageError(f"no image could be tagged ({dict(reasons)}); check the images under "
+                         f"{ctx.store.pool_url()} or rerun `fm run ingest --force`")
 
     # Concepts of the final dataset: merged characters, artist/copyright from the posts table.
     meta_posts = posts.filter(pc.is_in(posts["id"], value_set=tagged["id"]))  # both sorted by id
@@ -231,14 +360,13 @@ def build(ctx: StageContext) -> StageResult:
     write_table(final, ctx.work / TAGS_FILE, TAGS_SCHEMA)
     write_table(rejects, ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
 
-    device = backend.device if backend is not None else (resolve_device(cfg.device) if kind == "torch" else "cpu")
-    size = backend.input_size if backend is not None else int(folder.config_input_size or 0)
-    meta = _meta(ctx, folder, kind, device, size)
+    meta = _meta(ctx, folder, kind, shards[0]["device"], int(shards[0]["input_size"]))
     stats, report = _report(final, rejects, weights, cfg.weight, concepts, meta)
+    images = _pictures(ctx, final, posts)
     summary = {"row_counts": {"tags": final.num_rows, "rejects": rejects.num_rows}, "stats": stats,
-               "meta": meta, "report": {"summary_md": report.summary_md, "tables": report.tables}}
+               "meta": meta, "report": {"summary_md": report.summary_md, "tables": report.tables, "images": images}}
     atomic_write_text(summary_path, json.dumps(summary, indent=1, default=str))
-    shutil.rmtree(journal, ignore_errors=True)
+    shutil.rmtree(ctx.work / JOURNAL, ignore_errors=True)
     return _result_from_summary(ctx, summary)
 
 
@@ -250,7 +378,8 @@ def _result_from_summary(ctx: StageContext, summary: dict) -> StageResult:
         stats=summary["stats"],
         manifest_fields={"model_name": meta["model_name"], "model_identity": meta["model_identity"],
                          "backend": meta["backend"], "thresholds": meta["thresholds"]},
-        report=StageReport(summary_md=summary["report"]["summary_md"], tables=summary["report"]["tables"]),
+        report=StageReport(summary_md=summary["report"]["summary_md"], tables=summary["report"]["tables"],
+                           images=summary["report"].get("images", {})),
     )
 
 
@@ -265,4 +394,4 @@ def fingerprint_extra(cfg) -> dict:
 
 
 SPEC = StageSpec(name="tag", upstream=("ingest",), code_version=CODE_VERSION, build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra)
+                 fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard)

@@ -88,7 +88,8 @@ def test_stage_end_to_end(env, tiny_folder):
     assert manifest.model_identity == sha256_file(str(tiny_folder / "model.onnx"))
     assert manifest.thresholds["general"] == 0.35 and manifest.thresholds["character"] == 0.85
     assert manifest.row_counts == {"tags": 8, "rejects": 3}
-    assert {f.path for f in manifest.files} == {"tags.parquet", "rejects.parquet", "summary.json", "report.json"}
+    assert {f.path for f in manifest.files} == {"tags.parquet", "rejects.parquet", "summary.json", "report.json",
+                                                "visuals/tag-added.png", "visuals/tag-disputed.png"}
 
     tags = pq.read_table(store.path(manifest, "tags.parquet"))
     assert tags.schema.equals(TAGS_SCHEMA)

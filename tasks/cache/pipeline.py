@@ -1,0 +1,335 @@
+"""The caching loop of one device: decode -> encode -> write, overlapped.
+
+Threads read (and on the CPU path decode + resize with PIL, which releases the GIL) ahead of the
+encoder. On CUDA the threads only read JPEG bytes; nvJPEG decodes them in one batched call and the
+resize/crop runs on the device, on a side stream, while the previous batch encodes on the main one.
+Each batch's latents are copied into pinned memory right behind its encoder, and the host waits for
+batch k only after batch k+1 is queued, so the GPU never idles on the host. Finished chunks are
+assembled, written and journalled by a writer thread. Several GPUs: one process per GPU, chunks dealt
+out largest first, each process with its own journal file (`run_sharded`).
+Measured on one H100 (bench/bench_cache.py): 256 img/s end to end at 512² buckets, 90 % of the
+compiled encoder alone (285 img/s), 2.0x the kohya-style reference.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tasks.cache.chunks import ChunkPlan, append_journal, chunk_table, journal_entry, write_chunk
+from tasks.cache.encode import LatentEncoder
+from tasks.cache.images import (Geometry, ImageError, crop_tensor, decode_tensors, load_pil, prepare,
+                                uint8_to_pixels)
+
+Backend = Literal["pil", "torch"]
+ChunkDone = Callable[[ChunkPlan, dict], None]
+
+
+@dataclass
+class LoopStats:
+    images: int = 0
+    rejects: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    encode_wait_s: float = 0.0  # time the encoder waited for decoded images
+    device_wait_s: float = 0.0  # time the host waited for the device (GPU-bound when ~ seconds)
+
+    def merge(self, other: "LoopStats") -> None:
+        for name in ("images", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds = max(self.seconds, other.seconds)
+
+
+@dataclass
+class _Pending:
+    plan: ChunkPlan
+    batches_left: int
+    rows: list[np.ndarray] = field(default_factory=list)
+    means: list[np.ndarray] = field(default_factory=list)
+    stds: list[np.ndarray] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+
+
+def geometry(cols: dict, i: int) -> Geometry:
+    return Geometry(cols["width"][i], cols["height"][i], cols["resize_w"][i], cols["resize_h"][i],
+                    (cols["crop_left"][i], cols["crop_top"][i], cols["crop_right"][i], cols["crop_bottom"][i]),
+                    bool(cols["flip"][i]))
+
+
+def _load_pil_batch(cols: dict, rows: np.ndarray, pin: bool = False) -> tuple[np.ndarray, object, list[dict]]:
+    ok, arrays, rejects = [], [], []
+    for r in rows:
+        try:
+            arrays.append(load_pil(cols["image"][r], geometry(cols, r)))
+            ok.append(r)
+        except ImageError as exc:
+            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+    if not arrays:
+        return np.asarray(ok, np.int64), None, rejects
+    batch = torch.from_numpy(np.stack(arrays))  # uint8 [n, h, w, 3]: 4x less to upload than floats
+    return np.asarray(ok, np.int64), (batch.pin_memory() if pin else batch), rejects
+
+
+def _prepare_batch(cols: dict, rows: np.ndarray, cpu_jpeg: bool = False, pin: bool = False
+                   ) -> tuple[np.ndarray, object, list[dict]]:
+    ok, items, rejects = [], [], []
+    for r in rows:
+        try:
+            item = prepare(cols["image"][r], cpu_jpeg)
+            items.append(item.pin_memory() if pin and isinstance(item, torch.Tensor) else item)
+            ok.append(r)
+        except ImageError as exc:
+            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+    return np.asarray(ok, np.int64), items, rejects
+
+
+def _to_pixels(backend: Backend, cols: dict, ok: np.ndarray, payload, device: torch.device
+               ) -> tuple[np.ndarray, torch.Tensor | None, list[dict]]:
+    """Decoded batch -> (rows kept, pixels [n,3,h,w] in [-1,1] on device, extra rejects)."""
+    if payload is None or len(ok) == 0:
+        return ok, None, []
+    if backend == "pil":
+        return ok, uint8_to_pixels(payload.to(device, non_blocking=True)), []
+    wheres = [cols["image"][r] for r in ok]
+    decoded = decode_tensors(payload, device, wheres)
+    keep, pixels, rejects = [], [], []
+    for r, img in zip(ok, decoded):
+        try:
+            if isinstance(img, ImageError):
+                raise img
+            pixels.append(crop_tensor(img, geometry(cols, r), cols["image"][r]))
+            keep.append(r)
+        except ImageError as exc:
+            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+    if not pixels:
+        return np.asarray(keep, np.int64), None, rejects
+    return np.asarray(keep, np.int64), torch.stack(pixels), rejects
+
+
+class _Lanes:
+    """CUDA: images are prepared (upload, nvJPEG, resize) on a side stream while the encoder runs on the
+    main one, and each batch's latents are copied into pinned memory right behind its encoder, so the
+    host waits only for that copy, never for the batch queued after it. CPU: plain calls."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.prep = torch.cuda.Stream(device) if self.cuda else None
+
+    def preparing(self):
+        return torch.cuda.stream(self.prep) if self.cuda else nullcontext()
+
+    def hand_over(self, pixels: torch.Tensor) -> None:
+        if self.cuda:
+            main = torch.cuda.current_stream(pixels.device)
+            main.wait_stream(self.prep)
+            pixels.record_stream(main)  # allocated on the side stream, used on the main one
+
+    def to_host(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        if not self.cuda:
+            return tensors, None
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(hosts, tensors):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return hosts, done
+
+
+def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module, *, device: torch.device,
+                 backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
+                 journal: Path, threads: int, on_chunk: ChunkDone | None = None,
+                 encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
+                 compile_min_images: int = 0) -> LoopStats:
+    """Encode and write every planned chunk (in order); each chunk journalled once written.
+
+    With `compile`, a bucket with fewer than `compile_min_images` images (in these plans) runs eagerly:
+    compiling one more shape costs more than it saves on a few images.
+    `encoder` reuses a LatentEncoder (and its compiled graphs) across calls; by default one is made.
+    `cpu_jpeg` (torch backend): decode JPEGs in the reading threads (libjpeg-turbo) instead of on the
+    device, leaving the GPU to the encoder; resize and crop still run on the device."""
+    started = time.monotonic()
+    stats = LoopStats()
+    if not plans:
+        return stats
+    cols = samples.select([n for n in samples.column_names if not n.startswith(("tags_", "tokens_"))]).to_pydict()
+    encoder = encoder or LatentEncoder(vae, device, batch_size, compile=compile)
+    jobs: list[tuple[int, np.ndarray]] = []
+    pending: dict[int, _Pending] = {}
+    for p_idx, plan in enumerate(plans):
+        rows = np.arange(plan.start, plan.stop)
+        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        pending[p_idx] = _Pending(plan, len(batches))
+        jobs.extend((p_idx, b) for b in batches)
+    per_bucket: dict[tuple[int, int], int] = {}
+    for plan in plans:
+        per_bucket[plan.bucket] = per_bucket.get(plan.bucket, 0) + plan.stop - plan.start
+    lanes = _Lanes(device)
+    load = (partial(_load_pil_batch, pin=lanes.cuda) if backend == "pil"
+            else partial(_prepare_batch, cpu_jpeg=cpu_jpeg, pin=lanes.cuda))
+    lookahead = max(2, threads * 2)
+
+    def flush_chunk(p_idx: int) -> None:
+        writes.append(writer.submit(_write, pending.pop(p_idx)))
+        while len(writes) > 2:  # bound memory: at most a few chunks waiting for the disk
+            _collect(writes.popleft())
+
+    def _write(st: _Pending) -> tuple[ChunkPlan, dict]:
+        # On the writer thread: assembling a 256 MB chunk must not stall the encoder's feeding loop.
+        rows = np.concatenate(st.rows) if st.rows else np.zeros(0, np.int64)
+        order = np.argsort(rows, kind="stable")  # keep the plan's id order whatever the batch order
+        meta = samples.take(pa.array(rows[order]))
+        mean = np.concatenate(st.means)[order] if st.means else np.zeros((0,), np.float16)
+        std = (np.concatenate(st.stds)[order] if st.stds else np.zeros((0,), np.float16)) if store_std else None
+        info = write_chunk(work, st.plan, chunk_table(meta, mean, std))
+        entry = journal_entry(st.plan, info, st.rejects)
+        append_journal(journal, entry)
+        return st.plan, entry
+
+    def _collect(fut: Future) -> None:
+        plan, entry = fut.result()
+        stats.chunks += 1
+        stats.bytes += entry["bytes"]
+        if on_chunk is not None:
+            on_chunk(plan, entry)
+
+    def finish(p_idx: int, rows: np.ndarray, latents: list[torch.Tensor] | None, done) -> None:
+        st = pending[p_idx]
+        if latents is not None:
+            if done is not None:
+                t0 = time.monotonic()
+                done.synchronize()
+                stats.device_wait_s += time.monotonic() - t0
+            arrays = [t.numpy().copy() for t in latents]  # copy: the pinned buffers go back to the pool
+            finite = np.all(np.isfinite(arrays[0].reshape(len(rows), -1)), axis=1)
+            for a in arrays[1:]:
+                finite &= np.all(np.isfinite(a.reshape(len(rows), -1)), axis=1)
+            for r in rows[~finite]:  # an image that drives the encoder to inf/NaN is data, not a crash
+                st.rejects.append({"id": int(cols["id"][r]), "reason": "nonfinite_latent",
+                                   "detail": "the VAE encoder returned inf/NaN for this image"})
+                stats.rejects += 1
+            st.rows.append(rows[finite])
+            st.means.append(arrays[0][finite])
+            if store_std:
+                st.stds.append(arrays[1][finite])
+        st.batches_left -= 1
+        if st.batches_left == 0:
+            flush_chunk(p_idx)
+
+    writes: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="cache-decode") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="cache-write") as writer:
+        futures: deque[tuple[int, Future]] = deque()
+        next_job = 0
+        in_flight = None  # (p_idx, rows, host latents, copy-done event) of the batch still on its way back
+        while next_job < len(jobs) or futures:
+            while next_job < len(jobs) and len(futures) < lookahead:
+                p_idx, rows = jobs[next_job]
+                futures.append((p_idx, pool.submit(load, cols, rows)))
+                next_job += 1
+            p_idx, fut = futures.popleft()
+            t0 = time.monotonic()
+            ok, payload, rejects = fut.result()
+            stats.encode_wait_s += time.monotonic() - t0
+            with lanes.preparing():
+                ok, pixels, more = _to_pixels(backend, cols, ok, payload, device)
+            rejects += more
+            pending[p_idx].rejects.extend(rejects)
+            stats.rejects += len(rejects)
+            latents = done = None
+            if pixels is not None:
+                lanes.hand_over(pixels)
+                mean, std = encoder(pixels, compiled=per_bucket[pending[p_idx].plan.bucket] >= compile_min_images)
+                latents, done = lanes.to_host([mean, std] if store_std else [mean])
+                stats.images += len(ok)
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (p_idx, ok, latents, done)
+        if in_flight is not None:
+            finish(*in_flight)
+        while writes:
+            _collect(writes.popleft())
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+# --------------------------------------------------------------------------------- several GPUs
+
+@dataclass
+class WorkerJob:
+    samples_path: str
+    plans: list[list[ChunkPlan]]  # one list per rank
+    model: str
+    cache_dir: str
+    backend: Backend
+    batch_size: int
+    compile: bool
+    store_std: bool
+    work: str
+    threads: int
+    device: str = "cuda"  # "cuda": worker r uses GPU r; "cpu": every worker on the CPU
+    compile_min_images: int = 0
+
+
+def load_vae(model: str, cache_dir: Path):
+    from tasks.models.load import load_sd15
+    from tasks.models.sources import resolve_model_source
+
+    source = resolve_model_source(model, cache_dir)
+    return load_sd15(source, components=("vae",), dtype=torch.float32, device="cpu", cache_dir=cache_dir).vae
+
+
+def _worker(rank: int, job: WorkerJob, result_dir: str) -> None:
+    if job.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:  # CPU processes: only for tests of the sharding itself
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    samples = pq.read_table(job.samples_path)
+    vae = load_vae(job.model, Path(job.cache_dir))
+    stats = cache_chunks(samples, job.plans[rank], vae, device=device, backend=job.backend,
+                         batch_size=job.batch_size, compile=job.compile, store_std=job.store_std,
+                         work=Path(job.work), journal=Path(job.work) / f"_journal-{rank}.jsonl",
+                         threads=job.threads, compile_min_images=job.compile_min_images)
+    Path(result_dir, f"stats-{rank}.json").write_text(json.dumps(stats.__dict__))
+
+
+def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: Path, model: str, cache_dir: Path,
+                backend: Backend, batch_size: int, compile: bool, store_std: bool, threads: int,
+                device: str = "cuda", compile_min_images: int = 0) -> LoopStats:
+    """One process per GPU, plans dealt round-robin (largest first, so loads balance); each process
+    journals to its own file, so a kill of any of them resumes like the single-process loop."""
+    import torch.multiprocessing as mp
+
+    samples_path = work / "_samples.parquet"
+    pq.write_table(samples, samples_path)
+    order = sorted(range(len(plans)), key=lambda i: -(plans[i].stop - plans[i].start))
+    shards: list[list[ChunkPlan]] = [[] for _ in range(gpus)]
+    for n, i in enumerate(order):
+        shards[n % gpus].append(plans[i])
+    result_dir = work / "_stats"
+    result_dir.mkdir(exist_ok=True)
+    job = WorkerJob(str(samples_path), shards, model, str(cache_dir), backend, batch_size, compile, store_std,
+                    str(work), max(1, threads // gpus), device, compile_min_images)
+    mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus, join=True, start_method="spawn")
+    total = LoopStats()
+    for rank in range(gpus):
+        part = LoopStats(**json.loads((result_dir / f"stats-{rank}.json").read_text()))
+        total.merge(part)
+    for f in result_dir.glob("*"):
+        f.unlink()
+    result_dir.rmdir()
+    samples_path.unlink(missing_ok=True)
+    return total

@@ -1,0 +1,186 @@
+"""The cache stage: bucketed samples -> VAE latents + per-tag CLIP token ids in Parquet chunks.
+
+Output folder:
+    chunks/bucket=<w>x<h>/part-<n>.parquet   CHUNK_SCHEMA rows, sorted by id within a chunk
+    rejects.parquet                          id, reason, detail (missing upstream rows, bad images)
+    _journal-<rank>.jsonl                    one line per finished chunk (resume bookkeeping)
+    report.json, manifest.json
+
+The VAE and tokenizer identities (sha256 of the weights / vocabulary files) belong in the fingerprint:
+`fingerprint_extra(cfg)` returns them for the stage runner to mix into the config digest, so a changed
+VAE file under the same `cache.model` path re-caches.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data_contracts.cache import ChunkInfo
+from data_contracts.errors import ContractError, StageError
+from data_contracts.tables import REJECTS_SCHEMA, write_table
+from pipeline_config.schema import PipelineConfig
+from tasks.cache.captions import TagTokenizer
+from tasks.cache.chunks import clean_temp, is_done, plan_chunks, read_journal
+from tasks.cache.encode import resolve_device
+from tasks.cache.inputs import load_samples
+from tasks.cache.pipeline import LoopStats, cache_chunks, load_vae, run_sharded
+from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.models.identity import files_identity
+from tasks.models.sources import ModelSource, resolve_model_source
+from tasks.models.tokenizer import builtin_tokenizer_dir, load_tokenizer, tokenizer_identity
+
+CODE_VERSION = "1"
+REJECTS_FILE = "rejects.parquet"
+
+
+def vae_identity(source: ModelSource, cache_dir: Path) -> str:
+    """sha256 of what defines the VAE weights: the checkpoint file, or a diffusers folder's vae/ files."""
+    if source.kind == "diffusers":
+        files = [p for p in source.weight_files if p.parent.name == "vae"]
+        if files:
+            return files_identity([(f"vae/{p.name}", p) for p in files], cache_dir)
+    return source.identity
+
+
+def model_identity(cfg: PipelineConfig) -> tuple[ModelSource, str, str]:
+    """(source, VAE identity, tokenizer identity) of `cache.model` (builds the tiny builtin on first use)."""
+    cache_dir = Path(cfg.runtime.cache_dir)
+    source = resolve_model_source(cfg.cache.model, cache_dir)
+    tok_dir = source.tokenizer_dir or builtin_tokenizer_dir(cache_dir)
+    return source, vae_identity(source, cache_dir), tokenizer_identity(tok_dir)
+
+
+def fingerprint_extra(cfg: PipelineConfig) -> dict:
+    """What the fingerprint needs beyond the config section: the identities of the VAE and tokenizer."""
+    _, vae_id, tok_id = model_identity(cfg)
+    return {"vae_identity": vae_id, "tokenizer_identity": tok_id}
+
+
+def _vae_shape(source: ModelSource) -> tuple[int, int, float]:
+    """(latent channels, downscale, scaling factor) from the VAE config, without loading weights."""
+    vae_cfg = json.loads((source.config_dir / "vae" / "config.json").read_text())
+    channels = int(vae_cfg.get("latent_channels", 4))
+    downscale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return channels, downscale, float(vae_cfg.get("scaling_factor") or 0.18215)
+
+
+def _report(chunks: list[ChunkInfo], rejects: list[dict], stats: dict) -> StageReport:
+    per_bucket: dict[str, dict] = {}
+    for c in chunks:
+        row = per_bucket.setdefault(c.bucket, {"bucket": c.bucket, "rows": 0, "chunks": 0, "mb": 0.0})
+        row["rows"] += c.rows
+        row["chunks"] += 1
+        row["mb"] = round(row["mb"] + c.bytes / 1e6, 2)
+    reasons = Counter(r["reason"] for r in rejects)
+    lines = [
+        f"**{stats['rows']}** samples cached in **{len(chunks)}** chunks "
+        f"({stats['bytes'] / 1e6:.1f} MB, {stats['bytes_per_sample'] / 1e3:.1f} kB/sample), "
+        f"{len(rejects)} rejected.",
+        f"VAE `{stats['vae_identity'][:12]}` on {stats['device']} ({stats['decode']} decode), "
+        f"{stats['images_per_s']:.1f} img/s this run.",
+    ]
+    return StageReport(
+        summary_md="\n\n".join(lines),
+        tables={"buckets": sorted(per_bucket.values(), key=lambda r: r["bucket"]),
+                "rejects": [{"reason": k, "count": v} for k, v in reasons.most_common()]},
+    )
+
+
+def build(ctx: StageContext) -> StageResult:
+    cfg = ctx.section
+    runtime = ctx.cfg.runtime
+    cache_dir = Path(runtime.cache_dir)
+    source, vae_id, tok_id = model_identity(ctx.cfg)
+    tokenizer = load_tokenizer(source.tokenizer_dir, cache_dir=cache_dir)
+    samples, rejects = load_samples(ctx.store, ctx.upstream, cfg, TagTokenizer(tokenizer))
+    if samples.num_rows == 0:
+        raise StageError("cache: no sample has a row in every upstream output (bucket, ingest, tag, quality); "
+                         "check the upstream stages' rejects")
+    channels, downscale, scaling = _vae_shape(source)
+    bw, bh = samples.column("bucket_w").to_numpy(), samples.column("bucket_h").to_numpy()
+    if np.any(bw % downscale) or np.any(bh % downscale):
+        raise ContractError(f"bucket sizes must be multiples of the VAE downscale {downscale}; "
+                            f"found e.g. {int(bw[np.argmax(bw % downscale)])}x{int(bh[np.argmax(bh % downscale)])}")
+    plans = plan_chunks(samples.column("id").to_numpy(), bw, bh, channels=channels, downscale=downscale,
+                        store_std=cfg.store_std, chunk_bytes=cfg.chunk_target_mb * 1e6,
+                        row_group_bytes=cfg.row_group_mb * 1e6)
+
+    clean_temp(ctx.work)
+    done = read_journal(ctx.work)
+    todo = [p for p in plans if not is_done(p, done)]
+    device = resolve_device(runtime.device)
+    backend = cfg.decode if cfg.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
+    gpus = (cfg.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
+    gpus = max(1, min(gpus, torch.cuda.device_count() if device.type == "cuda" else 1, len(todo) or 1))
+    ctx.log.info("cache: %d samples, %d chunks planned, %d to do, device %s x%d, %s decode",
+                 samples.num_rows, len(plans), len(todo), device, gpus, backend)
+    total_rows = sum(p.stop - p.start for p in todo) or 1
+    progress = {"rows": 0}
+
+    def on_chunk(plan, entry) -> None:
+        progress["rows"] += plan.stop - plan.start
+        ctx.progress(progress["rows"] / total_rows, f"cached {plan.path} ({entry['rows']} rows)")
+
+    loop = LoopStats()
+    if todo and gpus > 1:
+        loop = run_sharded(samples, todo, gpus=gpus, work=ctx.work, model=cfg.model, cache_dir=cache_dir,
+                           backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
+                           store_std=cfg.store_std, threads=runtime.max_workers,
+                           compile_min_images=cfg.compile_min_images)
+    elif todo:
+        vae = load_vae(cfg.model, cache_dir)
+        loop = cache_chunks(samples, todo, vae, device=device, backend=backend, batch_size=cfg.batch_size,
+                            compile=cfg.compile, store_std=cfg.store_std, work=ctx.work,
+                            journal=ctx.work / "_journal-0.jsonl", threads=max(1, runtime.max_workers),
+                            on_chunk=on_chunk, compile_min_images=cfg.compile_min_images)
+
+    done = read_journal(ctx.work)
+    missing = [p.path for p in plans if not is_done(p, done)]
+    if missing:
+        raise StageError(f"cache: {len(missing)} chunk(s) were not written (e.g. {missing[0]}); rerun to resume")
+    chunks: list[ChunkInfo] = []
+    for plan in plans:
+        entry = done[plan.path]
+        rejects.extend(entry["rejects"])
+        if entry["rows"]:
+            chunks.append(ChunkInfo(**{k: entry[k] for k in ChunkInfo.model_fields}))
+    rows = sum(c.rows for c in chunks)
+    if rows == 0:
+        reasons = dict(Counter(r["reason"] for r in rejects))
+        raise StageError(f"cache: every sample was rejected ({reasons}); check the images and cache.model")
+    if rows + sum(len(done[p.path]["rejects"]) for p in plans) != samples.num_rows:
+        raise StageError("cache: chunk rows + image rejects do not add up to the planned samples; "
+                         "rerun with --force")
+    write_table(pa.Table.from_pylist(rejects, REJECTS_SCHEMA), ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
+
+    nbytes = sum(c.bytes for c in chunks)
+    bucket_counts: dict[str, int] = {}
+    for c in chunks:
+        bucket_counts[c.bucket] = bucket_counts.get(c.bucket, 0) + c.rows
+    stats = {
+        "rows": rows, "bytes": nbytes, "bytes_per_sample": nbytes / max(rows, 1),
+        "device": str(device), "gpus": gpus, "decode": backend, "vae_identity": vae_id,
+        "images_this_run": loop.images, "seconds_this_run": round(loop.seconds, 2),
+        "images_per_s": loop.images / loop.seconds if loop.seconds else 0.0,
+        "encode_wait_s": round(loop.encode_wait_s, 2), "chunks_resumed": len(plans) - len(todo),
+        "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
+    }
+    return StageResult(
+        row_counts={"chunks": rows, "rejects": len(rejects)},
+        stats=stats,
+        manifest_fields={
+            "vae_identity": vae_id, "tokenizer_identity": tok_id, "scaling_factor": scaling,
+            "latent_dtype": "float16", "stores_std": cfg.store_std, "latent_channels": channels,
+            "latent_downscale": downscale, "model": cfg.model, "chunks": chunks, "bucket_counts": bucket_counts,
+        },
+        report=_report(chunks, rejects, stats),
+    )
+
+
+SPEC = StageSpec(name="cache", upstream=("ingest", "tag", "quality", "bucket"), code_version=CODE_VERSION,
+                 build=build, resumable=True, fingerprint_extra=fingerprint_extra)

@@ -1,0 +1,244 @@
+"""The cache stage end to end with the tiny SD1.5 (builtin:tiny-sd15): real images, real VAE, real Parquet."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from data_contracts.bucket import BucketManifest
+from data_contracts.cache import SEGMENTS, CacheManifest
+from data_contracts.errors import StageError
+from data_contracts.ingest import IngestManifest
+from data_contracts.store import ArtifactStore
+from tasks.cache.captions import prompt_ids, prompt_text
+from tasks.cache.pipeline import load_vae
+from tasks.cache.stage import SPEC
+from tasks.common.stage import run_stage
+from tasks.models.sources import resolve_model_source
+from tasks.models.tokenizer import load_tokenizer
+from tasks.models.vae import vae_scaling_factor
+from tests.cache.data import cache_config, make_upstream
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows(store: ArtifactStore, manifest: CacheManifest) -> dict[int, dict]:
+    rows = {}
+    for chunk in manifest.chunks:
+        for row in pq.read_table(store.path(manifest, chunk.path, verify=True)).to_pylist():
+            assert row["id"] not in rows, "a sample was cached twice"
+            rows[row["id"]] = row
+    return rows
+
+
+def _direct_crop(path: Path, b: dict) -> torch.Tensor:
+    """The bucket crop computed here by hand, independently of tasks.cache.images."""
+    img = Image.open(path)
+    if img.mode == "RGBA":
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB").resize((b["resize_w"], b["resize_h"]), Image.Resampling.BICUBIC)
+    img = img.crop((b["crop_left"], b["crop_top"], b["crop_right"], b["crop_bottom"]))
+    if b["flip"]:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.array(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def test_stage_caches_every_good_sample_once_with_exact_latents_and_tokens(tmp_path, model_cache):
+    store = ArtifactStore(str(tmp_path / "root"))
+    up = make_upstream(store, n=12)
+    cfg = cache_config(tmp_path / "root", model_cache)
+    out = run_stage(SPEC, cfg, store)
+    m = out.manifest
+    assert not out.cached
+    source = resolve_model_source("builtin:tiny-sd15", model_cache)
+    assert m.vae_identity == source.identity and len(m.tokenizer_identity) == 64
+    vae = load_vae("builtin:tiny-sd15", model_cache)
+    assert (m.scaling_factor, m.latent_channels, m.latent_downscale, m.stores_std) == (
+        vae_scaling_factor(vae), 4, 8, True)
+
+    rows = _rows(store, m)
+    assert sorted(rows) == sorted(up.good)
+    rejects = pq.read_table(store.path(m, "rejects.parquet")).to_pylist()
+    assert {r["id"]: r["reason"] for r in rejects} == up.rejects
+    assert m.row_counts == {"chunks": len(up.good), "rejects": len(up.rejects)}
+
+    # DuckDB reads the chunks directly (hive partition column `bucket`)
+    folder = store.path(m, m.chunks[0].path).parents[1]
+    counts = dict(duckdb.sql(f"SELECT bucket, count(*) FROM read_parquet('{folder}/*/*.parquet', "
+                             "hive_partitioning=true) GROUP BY bucket").fetchall())
+    assert counts == m.bucket_counts and sum(counts.values()) == len(up.good)
+
+    # latents = a direct fp32 VAE encode of the same crop. Tolerance: atol 5e-4 + rtol 1e-3 = fp16 storage
+    # (half an ulp is <= 2.4e-4 below 1) plus fp32 noise between a batch of 4 and a batch of 1 (~1e-4: the
+    # tiny codec carries colours beside a constant-1000 channel). A crop that is off (here: the unflipped
+    # crop of a flipped sample) misses by > 1e-2.
+    buckets = pq.read_table(store.path(store.read_manifest(BucketManifest), "buckets.parquet")).to_pylist()
+    posts_path = store.path(store.read_manifest(IngestManifest), "posts.parquet")
+    posts = {p["id"]: p for p in pq.read_table(posts_path).to_pylist()}
+    checked = flipped = 0
+    for b in buckets:
+        if b["id"] not in rows:
+            continue
+        image = store.pool_dir() / posts[b["id"]]["image_path"]
+        with torch.no_grad():
+            dist = vae.encode(_direct_crop(image, b)).latent_dist
+        shape = (4, b["bucket_h"] // 8, b["bucket_w"] // 8)
+        mean = np.frombuffer(rows[b["id"]]["latent_mean"], np.float16).reshape(shape).astype(np.float32)
+        std = np.frombuffer(rows[b["id"]]["latent_std"], np.float16).reshape(shape).astype(np.float32)
+        np.testing.assert_allclose(mean, dist.mean[0].numpy(), rtol=1e-3, atol=5e-4)
+        np.testing.assert_allclose(std, dist.std[0].numpy(), rtol=1e-3, atol=5e-4)
+        checked += 1
+        if b["flip"]:
+            with torch.no_grad():
+                wrong = vae.encode(_direct_crop(image, {**b, "flip": False})).latent_dist.mean[0].numpy()
+            assert np.abs(mean - wrong).max() > 1e-2
+            flipped += 1
+    assert checked == len(up.good) and flipped >= 1
+
+    # tokens = the tokenizer on the rendered caption (as the prompt parser hands it to CLIP)
+    tok = load_tokenizer(None, cache_dir=model_cache)
+    for row in rows.values():
+        tags = {s: row[f"tags_{s}"] for s in SEGMENTS}
+        order = [(s, i) for s in SEGMENTS for i in range(len(tags[s]))]
+        ids = prompt_ids({s: row[f"tokens_{s}"] for s in SEGMENTS}, {s: row[f"tokens_sep_{s}"] for s in SEGMENTS},
+                         order)
+        caption = prompt_text(", ".join(tags[s][i] for s, i in order))
+        assert ids == tok(caption, add_special_tokens=False).input_ids
+        assert row["quality_label"] == tags["quality"][0]
+
+    again = run_stage(SPEC, cfg, store)
+    assert again.cached and again.manifest.fingerprint == m.fingerprint
+
+
+def _write_checkpoint(path: Path, vae_gain: float) -> None:
+    """The builtin tiny model as a user's single-file checkpoint, its VAE's first conv scaled by vae_gain."""
+    from tasks.models.single_file import export_single_file
+    from tasks.models.tiny import build_tiny_models
+
+    unet, vae, te = build_tiny_models(0)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(vae_gain)
+    export_single_file(unet, vae, te, path, dtype=torch.float32)
+
+
+def test_a_changed_vae_file_triggers_recaching(tmp_path, model_cache):
+    store = ArtifactStore(str(tmp_path / "root"))
+    make_upstream(store, n=6, bad=False)
+    ckpt = tmp_path / "models" / "base.safetensors"
+    _write_checkpoint(ckpt, vae_gain=1.0)
+    cfg = cache_config(tmp_path / "root", model_cache, model=str(ckpt))
+    first = run_stage(SPEC, cfg, store)
+    assert run_stage(SPEC, cfg, store).cached
+    _write_checkpoint(ckpt, vae_gain=0.5)  # same path, same config: only the file's bytes changed
+    second = run_stage(SPEC, cfg, store)
+    assert not second.cached
+    assert second.manifest.fingerprint != first.manifest.fingerprint
+    assert second.manifest.vae_identity != first.manifest.vae_identity
+    a, b = _rows(store, first.manifest), _rows(store, second.manifest)
+    assert sorted(a) == sorted(b)
+    assert all(a[i]["latent_mean"] != b[i]["latent_mean"] for i in a)
+
+
+def test_an_encoder_that_overflows_rejects_instead_of_caching_inf(tmp_path, model_cache):
+    store = ArtifactStore(str(tmp_path / "root"))
+    make_upstream(store, n=3, bad=False)
+    ckpt = tmp_path / "models" / "broken.safetensors"
+    _write_checkpoint(ckpt, vae_gain=1e38)  # a real VAE whose first conv overflows fp32
+    with pytest.raises(StageError, match="nonfinite_latent"):
+        run_stage(SPEC, cache_config(tmp_path / "root", model_cache, model=str(ckpt)), store)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from data_contracts.store import ArtifactStore
+    from pipeline_config.schema import PipelineConfig
+    import tasks.cache.pipeline as pipeline
+    from tasks.cache.stage import SPEC
+    from tasks.common.stage import run_stage
+
+    real = pipeline.append_journal
+    def slow(path, entry):  # widen the window between chunks so the kill lands mid-stage
+        real(path, entry)
+        print("journalled", entry["path"], flush=True)
+        time.sleep(0.4)
+    pipeline.append_journal = slow
+    cfg = PipelineConfig.model_validate_json(sys.argv[1])
+    run_stage(SPEC, cfg, ArtifactStore(cfg.data_root))
+""")
+
+
+def test_kill_during_caching_then_rerun_is_exactly_once(tmp_path, model_cache):
+    root = tmp_path / "root"
+    store = ArtifactStore(str(root))
+    up = make_upstream(store, n=12)
+    cfg = cache_config(root, model_cache)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json()], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    journalled = 0
+    deadline = time.monotonic() + 120
+    while journalled < 3 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        journalled += line.startswith("journalled")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert journalled == 3, "the subprocess did not get to cache chunks"
+    assert store.current("cache") is None  # killed: no manifest, nothing published
+
+    out = run_stage(SPEC, cfg, store)
+    m = out.manifest
+    assert m.stats["chunks_resumed"] >= 3  # the chunks finished before the kill were not redone
+    rows = _rows(store, m)  # asserts no id twice
+    assert sorted(rows) == sorted(up.good)  # and none lost
+    rejects = pq.read_table(store.path(m, "rejects.parquet")).to_pylist()
+    assert sorted(r["id"] for r in rejects) == sorted(up.rejects)  # rejects once each, too
+    work = store.work_dir("cache", m.fingerprint)
+    assert not work.exists() and not list(Path(store.output_path("cache", m.fingerprint)).rglob("*.tmp"))
+
+
+@pytest.mark.slow  # two spawned processes each import torch + diffusers: ~30 s on 2 busy cores
+def test_sharded_workers_write_every_chunk_once(tmp_path, model_cache):
+    """The one-process-per-GPU path, run as two CPU processes: chunks dealt out, one journal each."""
+    from tasks.cache.captions import TagTokenizer
+    from tasks.cache.chunks import is_done, plan_chunks, read_journal
+    from tasks.cache.inputs import load_samples
+    from tasks.cache.pipeline import run_sharded
+    from tasks.common.stage import upstream_manifests
+
+    store = ArtifactStore(str(tmp_path / "root"))
+    up = make_upstream(store, n=8)
+    cfg = cache_config(tmp_path / "root", model_cache)
+    samples, _ = load_samples(store, upstream_manifests(SPEC, store), cfg.cache,
+                              TagTokenizer(load_tokenizer(None, cache_dir=model_cache)))
+    plans = plan_chunks(samples.column("id").to_numpy(), samples.column("bucket_w").to_numpy(),
+                        samples.column("bucket_h").to_numpy(), channels=4, downscale=8, store_std=True,
+                        chunk_bytes=4000, row_group_bytes=2000)
+    work = tmp_path / "work"
+    work.mkdir()
+    stats = run_sharded(samples, plans, gpus=2, work=work, model="builtin:tiny-sd15", cache_dir=model_cache,
+                        backend="pil", batch_size=4, compile=False, store_std=True, threads=2, device="cpu")
+    done = read_journal(work)
+    assert all(is_done(p, done) for p in plans)
+    assert {p.name for p in work.glob("_journal-*.jsonl")} == {"_journal-0.jsonl", "_journal-1.jsonl"}
+    ids = [i for p in plans if done[p.path]["rows"]
+           for i in pq.read_table(work / p.path, columns=["id"]).column("id").to_pylist()]
+    rejected = [r["id"] for p in plans for r in done[p.path]["rejects"]]
+    assert sorted(ids) == sorted(up.good) and len(ids) == len(set(ids))
+    assert sorted(rejected) == sorted(i for i, why in up.rejects.items() if why != "missing_upstream")
+    assert stats.images == len(ids) and stats.chunks == len(plans)
+    assert not (work / "_samples.parquet").exists()
