@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from data_contracts.bucket import BUCKETS_SCHEMA
 from data_contracts.cache import ChunkInfo
+from data_contracts.ingest import POSTS_SCHEMA
 from data_contracts.errors import ContractError, StageError
 from data_contracts.tables import REJECTS_SCHEMA, write_table
 from pipeline_config.schema import PipelineConfig
@@ -29,12 +32,15 @@ from tasks.cache.chunks import clean_temp, is_done, plan_chunks, read_journal
 from tasks.cache.encode import resolve_device
 from tasks.cache.inputs import load_samples
 from tasks.cache.pipeline import LoopStats, cache_chunks, load_vae, run_sharded
+from tasks.cache.visuals import decode_check, make_decoded_sheet, read_chunk_sample, vae_decoder
+from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.common.upstream import read_upstream
 from tasks.models.identity import files_identity
 from tasks.models.sources import ModelSource, resolve_model_source
 from tasks.models.tokenizer import builtin_tokenizer_dir, load_tokenizer, tokenizer_identity
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: decoded-latent sheet + PSNR in the report
 REJECTS_FILE = "rejects.parquet"
 
 
@@ -170,6 +176,11 @@ def build(ctx: StageContext) -> StageResult:
         "encode_wait_s": round(loop.encode_wait_s, 2), "chunks_resumed": len(plans) - len(todo),
         "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
     }
+    report = _report(chunks, rejects, stats)
+    images, note = draw_pictures(ctx, {"decoded latents": lambda: _decoded_sheet(ctx, chunks, scaling, channels,
+                                                                                  downscale, stats)})
+    report.images.update(images)
+    report.summary_md += note
     return StageResult(
         row_counts={"chunks": rows, "rejects": len(rejects)},
         stats=stats,
@@ -178,8 +189,25 @@ def build(ctx: StageContext) -> StageResult:
             "latent_dtype": "float16", "stores_std": cfg.store_std, "latent_channels": channels,
             "latent_downscale": downscale, "model": cfg.model, "chunks": chunks, "bucket_counts": bucket_counts,
         },
-        report=_report(chunks, rejects, stats),
+        report=report,
     )
+
+
+def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], scaling: float, channels: int, downscale: int,
+                   stats: dict) -> dict[str, str]:
+    """Cached latents decoded through the same VAE beside their cropped sources, with the PSNR in stats:
+    the visual proof that the cache holds what training will see."""
+    rows = read_chunk_sample([ctx.work / c.path for c in chunks], seed=ctx.cfg.seed, max_items=12)
+    ids = rows.column("id").to_pylist()
+    buckets = read_upstream(ctx.store, ctx.upstream["bucket"], "buckets", BUCKETS_SCHEMA, None)
+    posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path"])
+    posts = posts.filter(pc.is_in(posts.column("id"), pa.array(ids, pa.int64())))
+    pool = ctx.store.pool_fetch(posts.column("image_path").to_pylist())
+    vae = load_vae(ctx.section.model, Path(ctx.cfg.runtime.cache_dir))
+    check = decode_check(rows, buckets, posts, pool, vae_decoder(vae), scaling_factor=scaling,
+                         latent_channels=channels, latent_downscale=downscale, seed=ctx.cfg.seed)
+    stats.update(check.stats())
+    return make_decoded_sheet(check, ctx.work)
 
 
 SPEC = StageSpec(name="cache", upstream=("ingest", "tag", "quality", "bucket"), code_version=CODE_VERSION,
