@@ -13,6 +13,7 @@ _MODULES: dict[str, str] = {
     "quality": "tasks.quality.stage",
     "bucket": "tasks.bucket.stage",
     "cache": "tasks.cache.stage",
+    "train": "tasks.train.stage",
 }
 
 

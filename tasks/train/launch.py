@@ -1,0 +1,122 @@
+"""Start the training processes: in this process (one GPU or the CPU) or `accelerate launch` (N GPUs).
+
+The accelerate path runs `python -m accelerate.commands.launch ... -m tasks.train.worker <run.json>` and
+relays its output line by line: progress events (`@@booruflow-train {json}`) go to `on_event`, every
+other line to `on_line` (the flow-run log). Multi-node runs take accelerate's own config file
+(`train.accelerate_config`), which names machines, ranks and the main process address.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data_contracts.errors import StageError
+from tasks.train.loop import EVENT_PREFIX, RunSpec, run_training, use_cpu
+from tasks.train.worker import EXIT_USER_ERROR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LineFn = Callable[[str], None]
+EventFn = Callable[[dict], None]
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_launch(launcher: str, num_processes: int | None, device: str, accelerate_config: str | None = None
+                ) -> tuple[str, int]:
+    """("inprocess" | "accelerate", processes)."""
+    cpu = use_cpu(device)
+    n = num_processes or (1 if cpu else max(1, visible_gpus()))
+    if launcher == "inprocess":
+        if n > 1:
+            raise StageError(f"train.launcher=inprocess runs one process, but train.num_processes={n}: "
+                             "use train.launcher=accelerate (or auto)")
+        return "inprocess", 1
+    if launcher == "accelerate" or n > 1 or accelerate_config:
+        return "accelerate", n
+    return "inprocess", 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(run_file: Path, num_processes: int, *, config_file: str | None = None,
+                       port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", str(config_file)]
+    else:
+        if num_processes > 1:
+            cmd += ["--multi_gpu"]
+        cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
+    return cmd + ["-m", "tasks.train.worker", str(run_file)]
+
+
+def launch_accelerate(run_file: Path, num_processes: int, *, on_line: LineFn, on_event: EventFn,
+                      config_file: str | None = None, port: int | None = None, env: dict | None = None) -> None:
+    cmd = accelerate_command(run_file, num_processes, config_file=config_file, port=port)
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH")) if p)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared hosts)
+    on_line("launching: " + " ".join(cmd))
+    tail: deque[str] = deque(maxlen=30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=child_env, cwd=str(REPO_ROOT), start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            marker = line.find(EVENT_PREFIX)
+            if marker >= 0:
+                try:
+                    on_event(json.loads(line[marker + len(EVENT_PREFIX):]))
+                    continue
+                except json.JSONDecodeError:
+                    pass
+            tail.append(line)
+            on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        # The flow was cancelled or the parent is going down: take the whole process group with us.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if rc != 0:
+        last = "\n".join(tail)
+        user = rc == EXIT_USER_ERROR or any(l.startswith(("StageError:", "ConfigError:", "ContractError:")) for l in tail)
+        msg = next((l for l in reversed(tail) if l.startswith(("StageError:", "ConfigError:", "ContractError:"))), None)
+        if user and msg:
+            raise StageError(f"training failed: {msg.split(': ', 1)[1]}")
+        raise StageError(f"training processes exited with code {rc}; last output:\n{last}")
+
+
+def launch(spec: RunSpec, run_file: Path, *, launcher: str, num_processes: int | None,
+           accelerate_config: str | None = None, port: int | None = None,
+           on_line: LineFn = print, on_event: EventFn = lambda e: None) -> dict:
+    """Run the training and return its result (result.json of the work folder)."""
+    mode, n = plan_launch(launcher, num_processes, spec.device, accelerate_config)
+    spec.save(run_file)
+    if mode == "inprocess":
+        return run_training(spec, emit=on_event)
+    launch_accelerate(run_file, n, on_line=on_line, on_event=on_event, config_file=accelerate_config, port=port)
+    from tasks.train.loop import RESULT_NAME
+
+    return json.loads((Path(spec.work) / RESULT_NAME).read_text())

@@ -1,0 +1,148 @@
+"""The training loop on CPU with the tiny UNet: it learns, it feeds the UNet what the math says, it survives
+NaNs the documented way."""
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import torch
+
+from data_contracts.errors import StageError
+from data_contracts.store import ArtifactStore
+from tasks.train.checkpoint import latest_checkpoint
+from tasks.train.loop import run_training
+
+from .conftest import commit_cache, run_spec, sample_rows, unet_weights
+
+
+def test_loss_falls_on_a_small_dataset(make_cache, model_cache, tmp_path):
+    store, manifest = make_cache(n=16, buckets=((64, 64),))
+    work = tmp_path / "work"
+    spec = run_spec(store, manifest, work, model_cache, epochs=6, lr=2e-3,
+                    validation={"fraction": 0.2, "every": 4, "sigmas": [0.2, 0.5, 0.8]})
+    result = run_training(spec)
+    rows = [json.loads(l) for l in (work / "history.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 6
+    # held-out loss at fixed σ/noise is deterministic: it must fall clearly, not by luck of the draw
+    assert val[-1] < 0.8 * val[0], val
+    train = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(train[-4:]) < np.mean(train[:4])
+    assert result["steps"] == len(train) and result["skipped_steps"] == 0
+    assert result["validation"]["val_loss"] == pytest.approx(val[-1])
+
+
+def test_unet_gets_sigma_times_1000_and_the_flow_target(model_cache, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from tasks.models.load import load_sd15
+    from tasks.models.sources import resolve_model_source
+    from tasks.models.text_encode import pack_batch
+    from tasks.train.batches import StepBatch
+    from tasks.train.engine import Engine, make_optimizer
+    from tasks.train.objective import Objective
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True)
+    comps = load_sd15(resolve_model_source("builtin:tiny-sd15", model_cache), ("unet", "text_encoder"))
+    unet = comps.unet.train()
+    seen = {}
+    forward = unet.forward
+
+    def recording(sample, timestep, encoder_hidden_states, **kw):
+        seen.update(sample=sample.detach().clone(), timestep=timestep.detach().clone(), ctx=encoder_hidden_states)
+        out = forward(sample, timestep, encoder_hidden_states, **kw)
+        seen["pred"] = out[0].detach().clone()
+        return out
+
+    unet.forward = recording
+    opt = make_optimizer([{"params": list(unet.parameters())}], kind="adamw", lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    obj = Objective("flow", shift=2.0)
+    engine = Engine(acc, unet, opt, sched, obj, grad_accum=1, max_grad_norm=1.0, text_encoder=comps.text_encoder)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    b = StepBatch(ids=[1, 2], bucket=(64, 64), x0=x0, noise=noise, levels=obj.levels([0.25, 0.75], [0, 0]),
+                  token_ids=pack_batch([[320, 1125], []], 3), weight=torch.tensor([1.0, 3.0]))
+    loss = engine.loss(b)
+    assert seen["timestep"].tolist() == [250.0, 750.0]
+    torch.testing.assert_close(seen["sample"], torch.stack([0.75 * x0[0] + 0.25 * noise[0],
+                                                            0.25 * x0[1] + 0.75 * noise[1]]))
+    assert seen["ctx"].shape == (2, 77, 64)  # 1 chunk of 77 tokens, tiny CLIP width 64
+    mse = (seen["pred"] - (noise - x0)).pow(2).flatten(1).mean(1)
+    assert float(loss.detach()) == pytest.approx(float((mse * torch.tensor([1.0, 3.0])).mean()), rel=1e-5)
+
+
+def _nan_cache(tmp_path, tokenizer, nan_bucket_only: bool):
+    rows = sample_rows(16, [(64, 64), (128, 64)], tokenizer)
+    for r in rows:
+        if not nan_bucket_only or r["bucket_w"] == 128:
+            shape = (4, r["bucket_h"] // 8, r["bucket_w"] // 8)
+            r["latent_mean"] = np.full(shape, np.nan, dtype=np.float16).tobytes()
+    store = ArtifactStore(str(tmp_path / "data"), local_cache=tmp_path / "local")
+    return store, commit_cache(store, rows)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, tokenizer, model_cache):
+    store, manifest = _nan_cache(tmp_path, tokenizer, nan_bucket_only=True)
+    work = tmp_path / "work"
+    result = run_training(run_spec(store, manifest, work, model_cache, epochs=2, checkpoint_every=1,
+                                   nan_tolerance=100))
+    # 2 epochs x (2 batches of 64x64 + 2 NaN batches of 128x64)
+    assert result["steps"] == 8 and result["skipped_steps"] == 4
+    weights = unet_weights(work)
+    assert all(torch.isfinite(w).all() for w in weights.values())  # skipped updates never touched them
+
+
+def test_a_run_of_nans_stops_with_the_last_good_checkpoint_intact(tmp_path, tokenizer, model_cache):
+    store, manifest = _nan_cache(tmp_path, tokenizer, nan_bucket_only=False)
+    work = tmp_path / "work"
+    with pytest.raises(StageError, match=r"2 optimiser steps in a row.*nan_tolerance=2"):
+        run_training(run_spec(store, manifest, work, model_cache, epochs=2, checkpoint_every=1, nan_tolerance=2))
+    ckpt = latest_checkpoint(work)
+    assert ckpt is not None and ckpt.name == "step-00000001"  # written after the first (skipped) step
+    assert all(torch.isfinite(w).all() for w in unet_weights(work).values())
+    assert not list((work / "checkpoints").glob(".tmp-*"))
+    saved = json.loads((ckpt / "trainer.json").read_text())
+    assert saved["consecutive_bad"] == 1 and saved["skipped_steps"] == 1
+
+
+def test_channels_last_survives_8bit_adamw_with_the_same_update():
+    """bitsandbytes makes parameters contiguous on every step; the engine puts 4-D weights back into
+    channels_last (a compiled channels_last graph asserts their strides). The 8-bit update is element-wise,
+    so it must be bit-identical whatever the layout: same values, same grads -> same weights."""
+    from tasks.train.engine import keep_channels_last, make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 32, 3, 3, generator=g)
+    grads = [torch.randn(64, 32, 3, 3, generator=g) for _ in range(3)]
+    finals = []
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        p = torch.nn.Parameter(w0.clone().contiguous(memory_format=fmt))
+        opt = make_optimizer([{"params": [p]}], kind="adamw8bit", lr=1e-2)
+        for grad in grads:
+            p.grad = grad.clone().contiguous(memory_format=fmt)
+            opt.step()
+            if channels_last:
+                assert p.is_contiguous()  # what bitsandbytes does...
+                keep_channels_last([p])
+                assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()  # ...undone
+            opt.zero_grad(set_to_none=True)
+        finals.append(p.detach().contiguous())
+    assert not torch.equal(finals[0], w0)
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=0)
+
+
+def test_sample_grid_under_bf16_autocast_is_an_image(make_cache, model_cache, tmp_path):
+    """Grids render with bf16 autocast (as on a GPU) and are not blank: the VAE decodes outside autocast."""
+    from PIL import Image
+
+    store, manifest = make_cache(n=8, buckets=((64, 64),))
+    work = tmp_path / "work"
+    result = run_training(run_spec(store, manifest, work, model_cache, max_steps=1, mixed_precision="bf16",
+                                   sampling={"prompts": ["1girl, smile"], "seeds": [0, 1], "steps": 2,
+                                             "width": 64, "height": 64}))
+    assert result["samples"] == ["samples/step-00000001.png"]
+    grid = np.asarray(Image.open(work / result["samples"][0]))
+    assert grid.shape == (64, 128, 3) and grid.std() > 5  # one row (prompt) x two columns (seeds)
