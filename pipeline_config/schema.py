@@ -4,6 +4,7 @@ from __future__ import annotations
 from pipeline_config.base import Section
 from pipeline_config.bucket import BucketConfig
 from pipeline_config.cache import CacheConfig
+from pipeline_config.eval import EvalConfig
 from pipeline_config.ingest import IngestConfig
 from pipeline_config.quality import QualityConfig
 from pipeline_config.runtime import RuntimeConfig
@@ -22,3 +23,4 @@ class PipelineConfig(Section):
     bucket: BucketConfig = BucketConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()

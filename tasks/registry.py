@@ -5,7 +5,7 @@ import importlib
 
 from tasks.common.stage import StageSpec
 
-DAG_ORDER = ("ingest", "tag", "quality", "bucket", "cache", "train")
+DAG_ORDER = ("ingest", "tag", "quality", "bucket", "cache", "train", "eval")
 # stage -> module exposing SPEC; add a stage here when its implementation lands.
 _MODULES: dict[str, str] = {
     "ingest": "tasks.ingest.stage",
@@ -14,6 +14,7 @@ _MODULES: dict[str, str] = {
     "bucket": "tasks.bucket.stage",
     "cache": "tasks.cache.stage",
     "train": "tasks.train.stage",
+    "eval": "tasks.eval.stage",
 }
 
 

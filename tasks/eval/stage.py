@@ -1,0 +1,323 @@
+"""The eval stage: does each checkpoint draw the characters and artists it was trained on?
+
+For every checkpoint (the base model as step 0, the train output, `eval.compare` train outputs, extra
+`eval.checkpoints`) and every concept with >= `eval.min_samples` training images, plus a fixed control
+set, it generates K images with the training prompt template (same seeds for every checkpoint, so the
+comparison is paired), writes them as PNGs with their parameters, and detects the concept twice:
+the WD tagger's own tag (when the tagger knows it) and a nearest-centroid probe fitted on the concept's
+training images (data_contracts/eval.py explains both). Results: results.parquet, a learning-curve plot,
+one sample grid per checkpoint.
+
+Resumable: every (checkpoint, concept) unit is journaled under units/ as soon as it is done; a rerun after
+a kill skips finished units (their PNGs are already written).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_contracts.errors import StageError
+from data_contracts.eval import RESULTS_SCHEMA, EvalCheckpoint
+from data_contracts.store import atomic_write_text
+from data_contracts.tables import rows_to_table, write_table
+from data_contracts.train import TrainManifest
+from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.eval.concepts import Concept, control_concepts, select_concepts, training_rows
+from tasks.eval.probe import CentroidProbe, TaggerEmbedder, encode_images, latent_features, prob_logits
+from tasks.eval.report import learning_curve_plot, probe_quality, summary_markdown, summary_rows
+from tasks.models.single_file import read_metadata
+from tasks.models.vae import decode_latents
+from tasks.sample.grid import make_grid
+from tasks.sample.main import LoadedModel, generation_info, load_for_sampling
+from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
+from tasks.sample.pngmeta import save_png
+
+CODE_VERSION = "1"
+RESULTS_FILE = "results.parquet"
+PLOT_FILE = "plots/learning_curve.png"
+PREDICTION = {"flow": "flow", "ddpm": "epsilon", "epsilon": "epsilon"}
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def _extra_objective_and_step(spec: str) -> tuple[str, int]:
+    path = Path(spec).expanduser()
+    step = -1
+    m = re.search(r"step-?0*(\d+)", path.name)
+    if m:
+        step = int(m.group(1))
+    objective = "flow"
+    if path.is_file() and path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        objective = "ddpm" if meta.get("booruflow.objective") in ("ddpm", "epsilon") else "flow"
+        if step < 0 and str(meta.get("booruflow.steps", "")).isdigit():
+            step = int(meta["booruflow.steps"])
+    elif path.is_dir() and (path / "trainer.json").is_file():
+        trainer = json.loads((path / "trainer.json").read_text())
+        step = int(trainer.get("step", step))
+        if (trainer.get("extra") or {}).get("objective") in ("ddpm", "epsilon"):
+            objective = "ddpm"
+    return objective, step
+
+
+def plan_checkpoints(ctx: StageContext) -> list[EvalCheckpoint]:
+    cfg = ctx.section
+    train: TrainManifest = ctx.upstream["train"]
+    runs = [train] + [ctx.store.read_manifest(TrainManifest, fp) for fp in cfg.compare if fp != train.fingerprint]
+    objectives = list(dict.fromkeys(r.objective for r in runs))
+    out: list[EvalCheckpoint] = []
+    if cfg.include_base:
+        for obj in objectives:
+            out.append(EvalCheckpoint(id=f"base-{obj}", label=f"base model ({obj} sampling)", spec=base_model(ctx),
+                                      run="base", objective=obj, step=0))
+    for r in runs:
+        for snap in getattr(r, "snapshots", None) or []:  # intermediate exports, when the train stage lists them
+            step, rel = (snap["step"], snap["path"]) if isinstance(snap, dict) else snap
+            out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}-s{int(step)}",
+                                      label=f"{r.objective} {r.fingerprint[:8]}", spec=str(ctx.store.path(r, rel)),
+                                      run=r.fingerprint, objective=r.objective, step=int(step)))
+        out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}", label=f"{r.objective} {r.fingerprint[:8]}",
+                                  spec=str(ctx.store.path(r, r.checkpoint)), run=r.fingerprint,
+                                  objective=r.objective, step=r.steps))
+    for i, spec in enumerate(cfg.checkpoints):
+        objective, step = _extra_objective_and_step(spec)
+        out.append(EvalCheckpoint(id=f"extra-{i}", label=Path(spec).name or spec, spec=spec, run="extra",
+                                  objective=objective, step=step))
+    return out
+
+
+def base_model(ctx: StageContext) -> str:
+    return ctx.section.base_model or ctx.cfg.train.model
+
+
+# --------------------------------------------------------------------------------------- one unit
+
+def _open_images(pool: Path, paths: list[str], log, max_side: int) -> list[Image.Image]:
+    """Reference images, shrunk to at most max_side (Danbooru originals can be 4000 px; none is kept long)."""
+    out = []
+    for rel in paths:
+        try:
+            with Image.open(pool / rel) as im:
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
+                im = im.convert("RGB")
+                im.thumbnail((max_side, max_side), Image.BICUBIC)
+                out.append(im)
+        except (OSError, ValueError) as exc:  # a bad reference is skipped, not fatal
+            log.warning("eval: cannot read reference image %s: %s", rel, exc)
+    return out
+
+
+def run_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings, concept: Concept,
+             *, k: int, seed: int, batch_size: int, negative: str, probes: dict[str, CentroidProbe],
+             space: str, tagger: TaggerEmbedder | None, tag_idx: dict[str, int]) -> dict[str, Any]:
+    """Generate K images for one (checkpoint, concept), classify them, journal the result (or reuse it)."""
+    journal = work / "units" / ck.id / f"{concept.slug}.json"
+    if journal.is_file():
+        return json.loads(journal.read_text())
+    img_dir = work / "images" / ck.id / concept.slug
+    seeds = [seed + i for i in range(k)]
+    images: list[Image.Image] = []
+    feats: list[np.ndarray] = []
+    paths: list[str] = []
+    for start in range(0, k, batch_size):
+        part = seeds[start:start + batch_size]
+        lat = generate_latents(model.components, [concept.prompt] * len(part), [negative] * len(part), part, settings)
+        with torch.no_grad():
+            ims = latents_to_images(decode_latents(model.components.vae, lat))
+        if space == "latent":
+            feats.append(latent_features(lat))
+        for s, im in zip(part, ims):
+            p = img_dir / f"{s - seed:05d}-{s}.png"
+            save_png(p, im, generation_info(concept.prompt, negative, s, settings, model))
+            paths.append(p.relative_to(work).as_posix())
+        images += ims
+    probs = tagger.probs(images) if tagger is not None and (space == "tagger" or tag_idx) else None
+    if space == "tagger":
+        feats = [prob_logits(probs)]
+    x = np.concatenate(feats)
+    assign = {kind: probe.assign(x).tolist() for kind, probe in probes.items()
+              if concept.kind in (kind, "control")}
+    wanted = tag_idx if concept.kind == "control" else {t: i for t, i in tag_idx.items() if t == concept.tag}
+    tag_probs = {t: probs[:, i].astype(float).tolist() for t, i in wanted.items()} if probs is not None else {}
+    result = {"images": paths, "assign": assign, "tag_probs": tag_probs}
+    atomic_write_text(journal, json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def checkpoint_rows(ck: EvalCheckpoint, concepts: list[Concept], controls: list[Concept],
+                    units: dict[str, dict], probes: dict[str, CentroidProbe], threshold: float,
+                    n_report: int) -> list[dict[str, Any]]:
+    rows = []
+    control_units = [units[c.slug] for c in controls]
+    for c in concepts:
+        u = units[c.slug]
+        probe = probes.get(c.kind)
+        hit = control = None
+        if probe is not None:
+            idx = probe.classes.index(c.tag)
+            hit = _mean([float(a == idx) for a in u["assign"][c.kind]])
+            control = _mean([float(a == idx) for cu in control_units for a in cu["assign"].get(c.kind, [])])
+        probs = u["tag_probs"].get(c.tag)
+        rows.append({
+            "checkpoint": ck.id, "run": ck.run, "objective": ck.objective, "step": ck.step, "kind": c.kind,
+            "concept": c.tag, "prompt": c.prompt, "n_train": len(c.train_ids), "n_images": len(u["images"]),
+            "tag_in_labels": probs is not None,
+            "tag_hit_rate": _mean([float(p > threshold) for p in probs]) if probs is not None else None,
+            "tag_mean_prob": _mean(probs) if probs is not None else None,
+            "probe_hit_rate": hit, "probe_chance": probe.chance if probe else None, "control_rate": control,
+            "lift": hit - control if hit is not None and control is not None else None,
+            "probe_ref_accuracy": probe.loo_accuracy if probe else None,
+            "samples": u["images"][:n_report],
+        })
+    for c, u in zip(controls, control_units):
+        n = len(u["images"])
+        tp = u["tag_probs"]
+        false_pos = [float(any(tp[t][i] > threshold for t in tp)) for i in range(n)] if tp else []
+        rows.append({
+            "checkpoint": ck.id, "run": ck.run, "objective": ck.objective, "step": ck.step, "kind": "control",
+            "concept": c.tag, "prompt": c.prompt, "n_train": 0, "n_images": n, "tag_in_labels": bool(tp),
+            # control rows: share of images where any evaluated character tag fires (false positives)
+            "tag_hit_rate": _mean(false_pos) if tp else None, "tag_mean_prob": None,
+            "probe_hit_rate": None, "probe_chance": None, "control_rate": None, "lift": None,
+            "probe_ref_accuracy": None, "samples": u["images"][:n_report],
+        })
+    return rows
+
+
+# -------------------------------------------------------------------------------------- the stage
+
+def build(ctx: StageContext) -> StageResult:
+    cfg = ctx.section
+    ingest, tag = ctx.upstream["ingest"], ctx.upstream["tag"]
+    rows = training_rows(ctx.store, ingest, tag)
+    concepts = select_concepts(rows, kinds=cfg.kinds, min_samples=cfg.min_samples, max_concepts=cfg.max_concepts,
+                               reference_images=cfg.reference_images, quality=cfg.quality_tags)
+    if not concepts:
+        best = max((sum(1 for r in rows if t in r[k]) for k in cfg.kinds for t in {x for r in rows for x in r[k]}),
+                   default=0)
+        raise StageError(f"no {' or '.join(cfg.kinds)} has eval.min_samples={cfg.min_samples} training images "
+                         f"(the most frequent has {best}); lower eval.min_samples or ingest more")
+    controls = control_concepts(cfg.control_prompts, cfg.quality_tags)
+    checkpoints = plan_checkpoints(ctx)
+    cache_dir = Path(ctx.cfg.runtime.cache_dir)
+    device = ctx.cfg.runtime.device
+    pool = ctx.store.pool_dir()
+    by_id = {r["id"]: r for r in rows}
+
+    from tasks.tag.model import resolve_model  # the tag stage's tagger, loaded the same way
+
+    tagger = TaggerEmbedder(resolve_model(cfg.tagger or tag.model_name, cache_dir), device)
+    threshold = cfg.character_threshold if cfg.character_threshold is not None else \
+        float(tag.thresholds.get("character", 0.85))
+    tag_idx = {c.tag: i for c in concepts if c.kind == "character"
+               for i in [tagger.character_index(c.tag)] if i is not None}
+
+    max_side = max(cfg.width, cfg.height, tagger.backend.input_size)
+
+    def ref_images(c: Concept) -> list[Image.Image]:
+        return _open_images(pool, [by_id[i]["image_path"] for i in c.ref_ids], ctx.log, max_side)
+
+    # The tagger embedding of a training image does not depend on the checkpoint: compute it once. (Latent
+    # references are encoded per checkpoint, by its own VAE.) Concepts without a readable image are dropped.
+    tagger_refs: dict[str, np.ndarray] = {}
+    unreadable = set()
+    for c in concepts:
+        ims = ref_images(c)
+        if not ims:
+            unreadable.add(c.slug)
+        elif cfg.probe_space == "tagger":
+            tagger_refs[c.slug] = prob_logits(tagger.probs(ims))
+    dropped = [c.tag for c in concepts if c.slug in unreadable]
+    concepts = [c for c in concepts if c.slug not in unreadable]
+    if not concepts:
+        raise StageError(f"no reference image of {dropped} could be read from {pool}; rerun `fm run ingest --force`")
+    kinds = list(dict.fromkeys(c.kind for c in concepts))
+
+    units_total = len(checkpoints) * (len(concepts) + len(controls))
+    done = 0
+    all_rows: list[dict[str, Any]] = []
+    for ck in checkpoints:
+        model = load_for_sampling(ck.spec, cache_dir=cache_dir, device=device, base_model=base_model(ctx))
+        settings = SampleSettings(
+            steps=cfg.steps, cfg=cfg.cfg_scale, shift=cfg.shift or model.recommended_shift or 3.0,
+            sampler=cfg.sampler, width=cfg.width, height=cfg.height,
+            prediction=PREDICTION.get(ck.objective, "flow")).check()
+        probes: dict[str, CentroidProbe] = {}
+        for kind in kinds:
+            members = [c for c in concepts if c.kind == kind]
+            if cfg.probe_space == "latent":
+                ref_feats = [latent_features(encode_images(model.components.vae, ref_images(c), cfg.width, cfg.height))
+                             for c in members]
+            else:
+                ref_feats = [tagger_refs[c.slug] for c in members]
+            probes[kind] = CentroidProbe.fit([c.tag for c in members], ref_feats)
+        units = {}
+        for concept in concepts + controls:
+            units[concept.slug] = run_unit(
+                ctx.work, ck, model, settings, concept, k=cfg.images_per_concept, seed=cfg.seed,
+                batch_size=cfg.batch_size, negative=cfg.negative_prompt, probes=probes, space=cfg.probe_space,
+                tagger=tagger, tag_idx=tag_idx)
+            done += 1
+            ctx.progress(done / units_total, f"{ck.label}: {concept.tag}")
+        all_rows += checkpoint_rows(ck, concepts, controls, units, probes, threshold, cfg.samples_in_report)
+        _grid(ctx.work, ck, concepts + controls, units)
+        ctx.log.info("eval: %s done (%d concepts)", ck.label, len(concepts))
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    write_table(rows_to_table(all_rows, RESULTS_SCHEMA), ctx.work / RESULTS_FILE, RESULTS_SCHEMA)
+    plot = learning_curve_plot(all_rows, checkpoints, ctx.work / PLOT_FILE)
+    summary = summary_rows(all_rows, checkpoints)
+    md = summary_markdown(summary, cfg, concepts, tag_idx, dropped, tagger.folder.name, probe_quality(all_rows))
+    images = {"learning curve": PLOT_FILE} if plot else {}
+    images.update({f"samples: {ck.label} (step {ck.step})": f"grids/{ck.id}.png" for ck in checkpoints})
+    report = StageReport(
+        summary_md=md,
+        tables={"summary": summary,
+                "results": [{k: v for k, v in r.items() if k not in ("prompt", "samples", "run")} for r in all_rows]},
+        images=images,
+    )
+    concept_lists: dict[str, list[str]] = defaultdict(list)
+    for c in concepts:
+        concept_lists[c.kind].append(c.tag)
+    return StageResult(
+        row_counts={"results": len(all_rows)},
+        stats={"checkpoints": len(checkpoints), "concepts": len(concepts),
+               "images": sum(r["n_images"] for r in all_rows),
+               "dropped_concepts": dropped, "headline": summary},
+        manifest_fields={"probe_space": cfg.probe_space, "checkpoints": [c.model_dump() for c in checkpoints],
+                         "concepts": dict(concept_lists), "plot": PLOT_FILE if plot else None},
+        report=report,
+    )
+
+
+def _grid(work: Path, ck: EvalCheckpoint, concepts: list[Concept], units: dict[str, dict]) -> None:
+    ims, labels = [], []
+    for c in concepts:
+        first = units[c.slug]["images"][:1]
+        if first:
+            with Image.open(work / first[0]) as im:
+                ims.append(im.convert("RGB"))
+            labels.append(c.tag)
+    if ims:
+        save_png(work / "grids" / f"{ck.id}.png", make_grid(ims, labels=labels), None)
+
+
+SPEC = StageSpec(name="eval", upstream=("ingest", "tag", "train"), code_version=CODE_VERSION, build=build,
+                 resumable=True)
