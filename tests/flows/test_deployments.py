@@ -77,7 +77,11 @@ def stage_state(artifacts: dict, stage: str) -> str:
 @pytest.fixture(scope="module")
 def demo_params(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("demo-root")
-    return {"config": "demo", "overrides": [f"data_root={root}"]}
+    # The demo preset, made smaller so four pipeline runs fit the test budget (same stages, same code).
+    small = ["ingest.embedded.posts=90", "ingest.embedded.max_side=384", "train.max_steps=12",
+             "train.checkpoint_every=6", "train.sampling.every=12", "train.validation.every=6",
+             "eval.min_samples=3", "eval.max_concepts=2", "eval.images_per_concept=2", "eval.steps=4"]
+    return {"config": "demo", "overrides": [f"data_root={root}", *small]}
 
 
 def test_full_then_single_stage_rerun(fm_serve, demo_params):
@@ -100,7 +104,8 @@ def test_full_then_single_stage_rerun(fm_serve, demo_params):
     # The whole pipeline again: everything is reused.
     deployment_run(env, "fm/full", demo_params)
     artifacts, _ = read_run(env, latest_flow_run_id(env, "fm/full"))
-    assert all(stage_state(artifacts, s) == "cached" for s in stages)
+    states = {s: stage_state(artifacts, s) for s in stages}
+    assert set(states.values()) == {"cached"}, states
 
     if "bucket" not in stages:
         return
@@ -117,3 +122,45 @@ def test_full_then_single_stage_rerun(fm_serve, demo_params):
     for stage in order:
         expected = "built" if order.index(stage) >= order.index("bucket") else "cached"
         assert stage_state(artifacts, stage) == expected, stage
+
+
+def _worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("tasks.train.worker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_cancelling_a_training_run_leaves_no_accelerate_children(fm_serve, demo_params):
+    """Cancel fm/train while `accelerate launch` runs it: the flow run ends Cancelled and no worker remains."""
+    import time
+
+    env = fm_serve
+    params = {**demo_params, "force": True,
+              "overrides": demo_params["overrides"] + ["train.launcher=accelerate", "train.num_processes=1",
+                                                       "train.max_steps=100000", "train.epochs=1000"]}
+    proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "fm/train", "--params",
+                           json.dumps(params)], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = latest_flow_run_id(env, "fm/train")
+    deadline = time.monotonic() + 300
+    while not _worker_pids():
+        assert time.monotonic() < deadline, "accelerate workers never started"
+        time.sleep(1)
+    time.sleep(3)  # let it train a little
+    cancel = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "cancel", str(run_id)], env=env,
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    deadline = time.monotonic() + 120
+    while _worker_pids() or _against(env, _state_name, run_id) not in ("Cancelled", "Crashed", "Failed"):
+        assert time.monotonic() < deadline, f"still running: workers {_worker_pids()}"
+        time.sleep(1)
+    assert _against(env, _state_name, run_id) == "Cancelled"
+    assert not _worker_pids()
+
+
+async def _state_name(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).state.name
