@@ -18,7 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/fm run -c demo
-	@echo "Outputs: .data/demo/<stage>/<fingerprint>/ (manifest.json in each); inspect with: $(BIN)/fm inspect train"
+	@echo "Inspect a stage: $(BIN)/fm inspect train    Sample: $(BIN)/fm sample current \"1girl, solo, masterpiece\" --width 256 --height 256"
 
 test: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q

@@ -31,7 +31,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in results:
         rows = ", ".join(f"{k}={v}" for k, v in r["row_counts"].items())
         table.add_row(r["stage"], "cached" if r["cached"] else "built", r["fingerprint"], rows, r["output"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for r in results:  # full paths (the table may truncate them)
+        console.print(f"{r['stage']:>8}: {r['output']}/manifest.json", soft_wrap=True)
+    train = next((r for r in results if r["stage"] == "train"), None)
+    if train:
+        console.print(f"checkpoint: {train['output']}/model.safetensors (diffusers: {train['output']}/diffusers)",
+                      soft_wrap=True)
+        console.print(f"samples:    {train['output']}/samples/", soft_wrap=True)
     return 0
 
 
