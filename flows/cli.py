@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["BOORUFLOW_CLI_PROGRESS"] = "1"  # rich progress bars for in-process runs on a terminal
     from flows.fm import fm
 
-    results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force)
+    results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force,
+                 ab=args.ab)
     from rich.console import Console
     from rich.table import Table
 
@@ -30,7 +30,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in results:
         rows = ", ".join(f"{k}={v}" for k, v in r["row_counts"].items())
-        table.add_row(r["stage"], "cached" if r["cached"] else "built", r["fingerprint"], rows, r["output"])
+        name = f"{r['stage']} ({r['objective']})" if "objective" in r else r["stage"]
+        table.add_row(name, "cached" if r["cached"] else "built", r["fingerprint"], rows, r["output"])
     console = Console()
     console.print(table)
     for r in results:  # full paths (the table may truncate them)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run stages in-process (default: all, in DAG order)")
     p.add_argument("stages", nargs="*", help="stage names; none = the whole pipeline")
     p.add_argument("--force", action="store_true", help="rebuild the selected stages even if cached")
+    p.add_argument("--ab", action="store_true",
+                   help="train with the flow and the DDPM objective (same data and steps), evaluate both")
     _common(p)
     p.set_defaults(func=cmd_run)
 

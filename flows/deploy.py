@@ -27,6 +27,14 @@ def build_deployments(config: str):
             tags=["booruflow"],
         )
     ]
+    deployments.append(
+        fm.to_deployment(
+            name="ab",
+            parameters={"config": config, "ab": True},
+            description="Flow vs DDPM objective on the same data and step budget, evaluated the same way.",
+            tags=["booruflow", "ab"],
+        )
+    )
     for stage in implemented_stages():
         deployments.append(
             fm.to_deployment(

@@ -210,23 +210,49 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[s
     return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
 
 
+def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
+    info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
+    return run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info
+
+
+def run_ab_experiment(cfg: PipelineConfig, force: bool) -> list[dict[str, Any]]:
+    """Train with the flow and with the DDPM objective on the same data and step budget, then evaluate both."""
+    from types import SimpleNamespace
+
+    from data_contracts.registry import manifest_class
+    from tasks.eval.ab import run_ab
+
+    store = _store(cfg)
+    results: list[dict[str, Any]] = []
+
+    def run(stage: str, stage_cfg: PipelineConfig) -> SimpleNamespace:
+        info = _run_one(stage, stage_cfg, force)
+        results.append({**info, "objective": stage_cfg.train.objective})
+        return SimpleNamespace(manifest=store.read_manifest(manifest_class(stage), info["fingerprint"]))
+
+    run_ab(cfg, store, run)
+    return results
+
+
 @flow(name="fm", log_prints=True)
 def fm(
     config: str = "demo",
     stages: list[str] | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
+    ab: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all implemented, in DAG order) of the pipeline described by `config`.
 
     config: a preset name (demo, nai-v2-fm) or a YAML path; overrides: ["train.lr=1e-5", ...];
-    force: rebuild the selected stages even when a complete output with their fingerprint exists.
+    force: rebuild the selected stages even when a complete output with their fingerprint exists;
+    ab: after the data stages, train with the flow and the DDPM objective (same data, same step budget)
+    and evaluate both the same way, instead of one train + eval.
     """
     cfg = load_config(config, overrides)
     todo = select_stages(stages)
     load_prefect_secrets(cfg)
-    results = []
-    for stage in todo:
-        info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
-        results.append(run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info)
+    results = [_run_one(stage, cfg, force) for stage in todo if not (ab and stage in ("train", "eval"))]
+    if ab:
+        results += run_ab_experiment(cfg, force)
     return results

@@ -70,6 +70,12 @@ def test_prefect_yaml_matches_served_deployments():
 
     spec = yaml.safe_load((DOCKER.parent / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert names >= {"full", *DAG_ORDER}
+    assert names >= {"full", "ab", *DAG_ORDER}
+    from flows.deploy import build_deployments
+
+    served = {d.name: d for d in build_deployments("demo")}
+    assert set(served) == names, "fm serve and prefect.yaml must offer the same deployments"
+    assert served["ab"].parameters == {"config": "demo", "ab": True}
+    assert served["bucket"].parameters == {"config": "demo", "stages": ["bucket"]}
     for d in spec["deployments"]:
         assert d["entrypoint"] == "flows/fm.py:fm"
