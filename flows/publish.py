@@ -25,6 +25,11 @@ from tasks.common.stage import StageOutcome
 MAX_TABLE_ROWS = 500
 
 
+def reserved_keys(stage: str) -> set[str]:
+    """The artifact keys every stage publishes itself; report tables must not take them."""
+    return {artifact_key("fm", stage, kind) for kind in ("summary", "manifest", "progress", "images")}
+
+
 def artifact_key(*parts: str) -> str:
     """Prefect keys: lowercase letters, digits and dashes only."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
@@ -88,6 +93,8 @@ def publish_outcome(outcome: StageOutcome, files: tuple[str, str] | None = None)
         if not rows:
             continue
         key = artifact_key("fm", stage, name)
+        if key in reserved_keys(stage) or key in made:  # never shadow the summary/manifest/progress artifacts
+            key = artifact_key("fm", stage, "table", name)
         create_table_artifact(rows[:MAX_TABLE_ROWS], key=key, description=f"{stage}: {name}")
         made[key] = "table"
     key = artifact_key("fm", stage, "manifest")

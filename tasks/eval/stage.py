@@ -40,7 +40,7 @@ from tasks.sample.main import LoadedModel, generation_info, load_for_sampling
 from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
 from tasks.sample.pngmeta import save_png
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: report table "checkpoints" (was "summary")
 RESULTS_FILE = "results.parquet"
 PLOT_FILE = "plots/learning_curve.png"
 PREDICTION = {"flow": "flow", "ddpm": "epsilon", "epsilon": "epsilon"}
@@ -289,7 +289,7 @@ def build(ctx: StageContext) -> StageResult:
     images.update({f"samples: {ck.label} (step {ck.step})": f"grids/{ck.id}.png" for ck in checkpoints})
     report = StageReport(
         summary_md=md,
-        tables={"summary": summary,
+        tables={"checkpoints": summary,
                 "results": [{k: v for k, v in r.items() if k not in ("prompt", "samples", "run")} for r in all_rows]},
         images=images,
     )

@@ -30,7 +30,7 @@ def test_ab_trains_both_objectives_and_evaluates_them_alike(trained):
     by_run = {c.run: c for c in m.checkpoints}
     assert {c.id for c in m.checkpoints} >= {"base-flow", "base-ddpm"}
     assert by_run[ddpm.fingerprint].objective == "ddpm" and by_run[flow.fingerprint].objective == "flow"
-    summary = {s["checkpoint"]: s for s in out["eval"].report.tables["summary"]}
+    summary = {s["checkpoint"]: s for s in out["eval"].report.tables["checkpoints"]}
     eps_ck = by_run[ddpm.fingerprint].id
     assert summary[eps_ck]["character_probe_hit_rate"] is not None
     # the ε model was sampled as an ε model

@@ -45,7 +45,7 @@ def test_trained_model_hits_its_characters_the_untrained_one_does_not(trained):
     assert plot.width > 300
     for ck in m.checkpoints:
         assert store.path(m, f"grids/{ck.id}.png").is_file()
-    assert {s["checkpoint"] for s in out.report.tables["summary"]} == {c.id for c in m.checkpoints}
+    assert {s["checkpoint"] for s in out.report.tables["checkpoints"]} == {c.id for c in m.checkpoints}
     assert "latent" in out.report.summary_md
     assert any(r["kind"] == "control" for r in table)
 

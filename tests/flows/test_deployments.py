@@ -105,7 +105,8 @@ def test_full_then_single_stage_rerun(fm_serve, demo_params):
     deployment_run(env, "fm/full", demo_params)
     artifacts, _ = read_run(env, latest_flow_run_id(env, "fm/full"))
     states = {s: stage_state(artifacts, s) for s in stages}
-    assert set(states.values()) == {"cached"}, states
+    if set(states.values()) != {"cached"}:
+        pytest.fail(f"second run rebuilt stages: {states}")
 
     if "bucket" not in stages:
         return
