@@ -13,37 +13,18 @@ import pyarrow as pa
 
 from data_contracts.bucket import BUCKETS_SCHEMA
 from data_contracts.cache import CHUNK_SCHEMA
-from data_contracts.errors import ContractError
 from data_contracts.ingest import POSTS_SCHEMA
 from data_contracts.manifest import StageManifest
 from data_contracts.quality import QUALITY_SCHEMA
 from data_contracts.store import ArtifactStore
-from data_contracts.tables import read_table
 from data_contracts.tag import TAGS_SCHEMA
 from pipeline_config.cache import CacheConfig
 from tasks.cache.captions import TagTokenizer, caption_columns, segment_tags
+from tasks.common.upstream import read_upstream
 
 # Columns of the samples table besides the caption columns (tags_<seg>, tokens_<seg>).
 GEOMETRY = ("width", "height", "bucket_w", "bucket_h", "resize_w", "resize_h",
             "crop_left", "crop_top", "crop_right", "crop_bottom")
-
-
-def read_upstream(store: ArtifactStore, manifest: StageManifest, name: str, schema: pa.Schema,
-                  columns: list[str]) -> pa.Table:
-    """`<name>.parquet`, or every `<name>/*.parquet` shard, of an upstream output (schema-checked)."""
-    listed = {f.path for f in manifest.files}
-    if f"{name}.parquet" in listed:
-        rels = [f"{name}.parquet"]
-    else:
-        rels = sorted(f.path for f in manifest.files_under(f"{name}/") if f.path.endswith(".parquet"))
-    if not rels:
-        raise ContractError(
-            f"{manifest.stage}/{manifest.fingerprint}: manifest lists no {name}.parquet (nor {name}/*.parquet); "
-            f"rerun `fm run {manifest.stage}`"
-        )
-    parts = [read_table(store.path(manifest, rel), schema, f"{manifest.stage}/{manifest.fingerprint}/{rel}",
-                        columns) for rel in rels]
-    return pa.concat_tables(parts)
 
 
 def _index(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
