@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_contracts.errors import ContractError, StageError
-from data_contracts.fingerprint import sha256_file
 from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
 from data_contracts.store import ArtifactStore, atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
@@ -271,12 +270,15 @@ def _report(tags: pa.Table, rejects: pa.Table, weights, weight_cfg, concepts, me
 
 # --- the stage -----------------------------------------------------------------------------------
 def _meta(ctx: StageContext, folder: TaggerFolder, kind: str, device: str, input_size: int) -> dict:
+    from tasks.models.identity import file_identity  # lazy: tasks.models imports diffusers
+
     cfg = ctx.section
     weights_path = folder.onnx_path if kind == "onnx" else folder.weights_path
     return {
         "model_name": folder.name,
-        "model_identity": sha256_file(str(weights_path)),  # ~1 s for the 350 MB real model, once per run
-        "labels_sha256": sha256_file(str(folder.path / "selected_tags.csv")),
+        # Cached digests: fingerprint_extra already hashed these files for this run's fingerprint.
+        "model_identity": file_identity(weights_path, Path(ctx.cfg.runtime.cache_dir)),
+        "labels_sha256": file_identity(folder.path / "selected_tags.csv", Path(ctx.cfg.runtime.cache_dir)),
         "labels": len(folder.labels),
         "backend": kind,
         "device": device,
@@ -385,7 +387,7 @@ def _result_from_summary(ctx: StageContext, summary: dict) -> StageResult:
 
 def fingerprint_extra(cfg) -> dict:
     """The tagger files the config names by path: replacing them in place must rerun the stage."""
-    from tasks.models.identity import file_identity
+    from tasks.models.identity import file_identity  # lazy: tasks.models imports diffusers
 
     folder = resolve_model(cfg.tag.model, Path(cfg.runtime.cache_dir))
     cache = Path(cfg.runtime.cache_dir)
