@@ -64,6 +64,9 @@ class Variant:
     accum: int = 14
     batch: int = 12
     gradient_checkpointing: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_tuning: bool = False  # inductor coordinate-descent tuning of its Triton kernels
+    te_bf16: bool = False  # frozen text encoder stored in bf16 (no per-step weight casts)
 
 
 VARIANTS = {
@@ -78,6 +81,10 @@ VARIANTS = {
     "ours_cl": Variant("ours_cl", channels_last=True, attention="cudnn"),
     "ours_cl_fused": Variant("ours_cl_fused", channels_last=True, attention="cudnn", optimizer="adamw"),
     "ours_gc": Variant("ours_gc", attention="cudnn", gradient_checkpointing=True),
+    "ours_tune": Variant("ours_tune", attention="cudnn", compile_tuning=True),
+    "ours_te16": Variant("ours_te16", attention="cudnn", te_bf16=True),
+    "ours_cg": Variant("ours_cg", attention="cudnn", compile_mode="reduce-overhead"),
+    "ours_tune_te16": Variant("ours_tune_te16", attention="cudnn", compile_tuning=True, te_bf16=True),
 }
 DEFAULT_VARIANTS = "ref,ours,ours_fused,ours_cl_fused"
 
@@ -127,6 +134,9 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = False  # a variant's tuning must not leak into the next
 
 
 # --------------------------------------------------------------------------------------------- the paths
@@ -177,13 +187,16 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     configure_backends(device, v.attention)
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, gradient_checkpointing=v.gradient_checkpointing, channels_last=v.channels_last,
-                 compile=v.compile)
+                 compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning)
     te.eval().requires_grad_(False)
+    if v.te_bf16 and not args.tiny:
+        te.to(torch.bfloat16)
     opt = make_optimizer([{"params": list(unet.parameters())}], kind=v.optimizer, lr=1e-5, device=device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(1000, 0.0))
     unet, opt = accelerator.prepare(unet, opt)
     engine = Engine(accelerator, unet, opt, sched, Objective("flow", shift=2.0), grad_accum=v.accum,
-                    max_grad_norm=1.0, text_encoder=te, clip_skip=2, channels_last=v.channels_last)
+                    max_grad_norm=1.0, text_encoder=te, clip_skip=2, channels_last=v.channels_last,
+                    cudagraphs=v.compile and v.compile_mode == "reduce-overhead" and device.type == "cuda")
     batches = synthetic_batches(4, v.batch, args.latent, args.chunks)
 
     def micro(i: int) -> None:
@@ -248,6 +261,7 @@ def _time(fn, v: Variant, args, device: torch.device, *, window: int, world: int
     warm_s = time.perf_counter() - t0
     n = max(args.steps, window) if not args.tiny else args.steps * window
     n = -(-n // window) * window
+    warm_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -256,7 +270,16 @@ def _time(fn, v: Variant, args, device: torch.device, *, window: int, world: int
     sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"variant": v.name, "samples_per_s": n * v.batch * world / dt, "per_gpu_samples_per_s": n * v.batch / dt,
+    # CUDA-graph pools are allocated while recording (warm-up) and not re-allocated on replay, so the
+    # steady-state peak under-counts them: also report the warm-up peak, the reserved peak (pools
+    # included) and what the whole device has in use (context, cuDNN workspaces).
+    mem = {}
+    if device.type == "cuda":
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        mem = {"peak_incl_warmup_gib": max(peak, warm_peak),
+               "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+               "device_used_gib": (total_b - free_b) / 2**30}
+    return {**mem, "variant": v.name, "samples_per_s": n * v.batch * world / dt, "per_gpu_samples_per_s": n * v.batch / dt,
             "peak_gib": peak, "warmup_s": warm_s, "micro_steps": n, "batch": v.batch, "accum": window,
             "optimizer": v.optimizer, "compile": v.compile, "channels_last": v.channels_last,
             "attention": v.attention}

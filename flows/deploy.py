@@ -81,19 +81,21 @@ def start_local_server(api_url: str, log_path: Path, wait_s: float = 90.0) -> su
     raise RuntimeError(f"prefect server did not answer at {api_url} within {wait_s:.0f}s; see {log_path}")
 
 
-async def ensure_gpu_limit(slots: int) -> None:
+async def ensure_gpu_limit(slots: int, name: str | None = None) -> None:
     """The global concurrency limit GPU stages take a slot of, so two runs never share one GPU."""
     from prefect.client.orchestration import get_client
 
     from flows.fm import GPU_LIMIT
 
     async with get_client() as client:
-        await client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+        await client.upsert_global_concurrency_limit_by_name(name or GPU_LIMIT, slots)
 
 
 def serve_all(config: str, limit: int | None = None, gpu_slots: int = 1) -> None:
     """Register fm/full and fm/<stage> with the server in PREFECT_API_URL and execute their runs."""
     import asyncio
 
-    asyncio.run(ensure_gpu_limit(gpu_slots))
+    from pipeline_config.load import load_config
+
+    asyncio.run(ensure_gpu_limit(gpu_slots, load_config(config).runtime.gpu_limit))
     serve(*build_deployments(config), limit=limit)

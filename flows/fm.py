@@ -13,7 +13,9 @@ from flows.publish import ProgressReporter, publish_outcome
 from pipeline_config.load import load_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import install_redaction, register_secret
-from tasks.common.stage import StageOutcome, finish_stage, plan_shards, prepare_stage, reopen_stage
+from tasks.common.shard_workers import WorkerSlot, run_in_workers, split_round_robin
+from tasks.common.stage import (StageOutcome, finish_stage, is_cached, plan_shards, prepare_stage, reopen_stage,
+                               worker_slots)
 from tasks.registry import DAG_ORDER, implemented_stages, stage_spec
 
 
@@ -75,7 +77,7 @@ def file_server(cfg: PipelineConfig) -> tuple[str, str] | None:
 
 
 GPU_STAGES = frozenset({"tag", "cache", "train", "eval"})
-GPU_LIMIT = "booruflow-gpu"  # a Prefect global concurrency limit; `fm serve` creates it (1 slot per host)
+GPU_LIMIT = "booruflow-gpu"  # default name of the Prefect global concurrency limit (runtime.gpu_limit)
 
 
 def worker_env() -> dict[str, str]:
@@ -146,15 +148,19 @@ def _publish(stage: str, cfg: PipelineConfig, outcome: StageOutcome) -> None:
     get_run_logger().info("%s %s: %s", stage, "cached" if outcome.cached else "built", outcome.output_path)
 
 
-def _gpu_slot(stage: str):
-    """Hold the GPU concurrency slot so two runs never fight for one GPU (no-op without the limit)."""
+def _gpu_slot(stage: str, cfg: PipelineConfig, force: bool = False):
+    """Hold the GPU concurrency slot so two runs never fight for one GPU (no-op without the limit).
+
+    A GPU stage whose output is already complete (and not forced) only reads manifests: it does not
+    queue behind another run's training for that.
+    """
     from contextlib import nullcontext
 
-    if stage not in GPU_STAGES:
+    if stage not in GPU_STAGES or (not force and is_cached(stage_spec(stage), cfg, _store(cfg))):
         return nullcontext()
     from prefect.concurrency.sync import concurrency
 
-    return concurrency(GPU_LIMIT, occupy=1, strict=False)
+    return concurrency(cfg.runtime.gpu_limit, occupy=1, strict=False)
 
 
 @task(name="stage", retries=0, cache_policy=NO_CACHE)
@@ -163,13 +169,14 @@ def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     install_redaction()
     progress = ProgressReporter(stage)
     try:
-        with _gpu_slot(stage):
-            prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
-                                     log=get_run_logger())  # type: ignore[arg-type]
-            shards = plan_shards(prepared)
-            if shards:
-                return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards}
-            outcome = finish_stage(prepared)
+        prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
+                                 log=get_run_logger())  # type: ignore[arg-type]
+        shards = plan_shards(prepared)
+        if shards:
+            slots = worker_slots(prepared, len(shards)) if cfg.runtime.task_runner == "thread" else []
+            return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards,
+                    "slots": [slot.device for slot in slots]}
+        outcome = finish_stage(prepared)
     finally:
         progress.close()
     progress.done()
@@ -186,19 +193,61 @@ def shard_task(stage: str, cfg: PipelineConfig, fingerprint: str, shard: dict[st
     return spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
 
 
+@task(name="workers", retries=0, cache_policy=NO_CACHE)
+def device_worker_task(stage: str, cfg: PipelineConfig, fingerprint: str, device: str,
+                       shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A share of a stage's shards in one worker process on one device (one such task per GPU)."""
+    install_redaction()
+    return run_in_workers(stage, cfg.model_dump(mode="json"), fingerprint, shards, [WorkerSlot(device)],
+                          log=get_run_logger())  # type: ignore[arg-type]
+
+
 @task(name="merge", retries=0, cache_policy=NO_CACHE)
 def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     install_redaction()
-    with _gpu_slot(stage):
-        prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
-        outcome = finish_stage(prepared, results)
+    prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+    outcome = finish_stage(prepared, results)
     _publish(stage, cfg, outcome)
     return _outcome_summary(stage, outcome, results)
 
 
+def _ray_gpu_options(stage: str, cfg: PipelineConfig):
+    """Under the Ray runner, a GPU stage set to device cuda gets one GPU per shard task (Ray sets each task's
+    CUDA_VISIBLE_DEVICES), so shards spread over every GPU of the cluster."""
+    from contextlib import nullcontext
+
+    section = getattr(cfg, stage, None)
+    if cfg.runtime.task_runner != "ray" or stage not in GPU_STAGES or getattr(section, "device", None) != "cuda":
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=1)
+
+
 def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """Map the stage's shards over the configured task runner, then merge into one contract."""
-    with make_task_runner(cfg) as runner:
+    """Map the stage's shards over the configured task runner, then merge into one contract.
+
+    A stage that asks for worker processes (one per GPU) under the thread runner gets one task per
+    device, each running its round-robin share of the shards in its own process.
+    """
+    slots = info.get("slots") or []
+    if len(slots) > 1:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        shares = split_round_robin(info["shards"], len(slots))
+        with ThreadPoolTaskRunner(max_workers=len(slots)) as runner:  # every device at once
+            futures = [
+                runner.submit(
+                    device_worker_task.with_options(task_run_name=f"{stage}-{WorkerSlot(device).label}-{r}"),
+                    {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "device": device,
+                     "shards": share},
+                )
+                for r, (device, share) in enumerate(zip(slots, shares))
+            ]
+            by_index = {int(s["index"]): s for f in futures for s in f.result()}
+        results = [by_index[int(s["index"])] for s in info["shards"]]
+        return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
+    with make_task_runner(cfg) as runner, _ray_gpu_options(stage, cfg):
         futures = [
             runner.submit(
                 shard_task.with_options(task_run_name=f"{stage}-shard-{i}"),
@@ -211,8 +260,10 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[s
 
 
 def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
-    return run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info
+    # The GPU slot spans the whole stage (prepare, every shard on whatever runner, merge).
+    with _gpu_slot(stage, cfg, force):
+        info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
+        return run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info
 
 
 def run_ab_experiment(cfg: PipelineConfig, force: bool) -> list[dict[str, Any]]:

@@ -115,7 +115,8 @@ def load_config(
 
 
 def section_dict(cfg: PipelineConfig, section: str) -> dict[str, Any]:
-    return getattr(cfg, section).model_dump(mode="json")
+    """What of a stage's config section decides its output (execution-only knobs left out)."""
+    return getattr(cfg, section).fingerprint_dict()
 
 
 def section_digest(cfg: PipelineConfig, section: str) -> str:

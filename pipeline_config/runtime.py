@@ -39,6 +39,10 @@ class RuntimeConfig(Section):
     task_runner: Literal["thread", "dask", "ray"] = "thread"
     runner_address: str | None = None  # dask scheduler / ray address; None = local cluster
     max_workers: int = 4
+    # The Prefect global concurrency limit GPU stages hold a slot of (`fm serve --gpu-slots` creates it).
+    # A limit counts across the whole Prefect server: with several GPU hosts on one server, give each
+    # host (work pool) a name of its own.
+    gpu_limit: str = "booruflow-gpu"
     cache_dir: str = ".data/cache"  # local folder: built tiny models, tokenizer, remote-read cache
     # fsspec options for an object-store data_root (s3://...), e.g. {endpoint_url: "http://minio:9000"}
     # or {client_kwargs: {region_name: eu-west-1}}. Credentials come from the environment

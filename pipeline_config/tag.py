@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline_config.base import Section
+from pipeline_config.base import Section, execution_field
 
 BUILTIN_TINY = "builtin:tiny-wd-swinv2"
 
@@ -45,6 +45,9 @@ class TagConfig(Section):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(2048, ge=1)  # images per journaled shard (a kill loses at most one shard)
     workers: int = Field(2, ge=1)  # threads reading and decoding image files
+    # Worker processes the shards are spread over: 0 = one per visible GPU on CUDA (this process alone on
+    # the CPU); N = the first N GPUs, or N CPU processes (each its own model copy) when the device is cpu.
+    processes: int = execution_field(0, ge=0)
 
     # Tags are kept when prob > threshold (strictly greater), as the WD reference does.
     general_threshold: float = Field(0.35, ge=0.0, le=1.0)

@@ -82,6 +82,8 @@ class TrainConfig(Section):
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile, static shapes: one graph per bucket shape
+    # default, or reduce-overhead: the compiled step replayed as CUDA graphs (no per-kernel launch cost)
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
     channels_last: bool = False
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 

@@ -145,7 +145,7 @@ def decode_tensors(items: Sequence[bytes | np.ndarray | torch.Tensor], device: t
 
 
 def _decode_tensors(items: Sequence, device: torch.device, wheres: Sequence[str]) -> list:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from tasks.common.nvjpeg import decode_jpegs
 
     out: list = [None] * len(items)
     for i, item in enumerate(items):
@@ -155,12 +155,12 @@ def _decode_tensors(items: Sequence, device: torch.device, wheres: Sequence[str]
     if jpeg:
         inputs = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpeg]
         try:
-            for i, img in zip(jpeg, decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)):
+            for i, img in zip(jpeg, decode_jpegs(inputs, device)):
                 out[i] = img
         except RuntimeError:
             for i, data in zip(jpeg, inputs):  # find the bad one(s); the rest stay on the fast decoder
                 try:
-                    out[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                    out[i] = decode_jpegs(data, device)
                 except RuntimeError:
                     pass
     for i, item in enumerate(items):

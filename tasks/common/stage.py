@@ -19,6 +19,7 @@ from data_contracts.registry import manifest_class
 from data_contracts.store import ArtifactStore
 from pipeline_config.load import section_dict
 from pipeline_config.schema import PipelineConfig
+from tasks.common.shard_workers import WorkerSlot, run_in_workers
 
 REPORT_NAME = "report.json"
 ProgressFn = Callable[[float, str], None]
@@ -82,6 +83,10 @@ class StageSpec:
     # Dask, Ray); run_stage alone runs the shards in order.
     plan_shards: Callable[[StageContext], list[dict[str, Any]]] | None = None
     run_shard: Callable[[StageContext, dict[str, Any]], dict[str, Any]] | None = None
+    # Optional: worker processes the shards should be spread over (one per GPU), given the shard count.
+    # More than one slot: run_stage and the flow's thread runner start one process per slot
+    # (tasks/common/shard_workers.py) instead of running shards in this process.
+    shard_slots: Callable[[StageContext, int], list[WorkerSlot]] | None = None
 
 
 @dataclass
@@ -114,6 +119,15 @@ def compute_fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str
         {name: m.fingerprint for name, m in upstream.items()},
         spec.code_version,
     )
+
+
+def is_cached(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore) -> bool:
+    """A complete output for this config already exists (cheap: manifests and fingerprint only)."""
+    try:
+        upstream = upstream_manifests(spec, store)
+    except (ContractError, OSError):
+        return False
+    return store.is_complete(spec.name, compute_fingerprint(spec, cfg, upstream))
 
 
 def load_report(store: ArtifactStore, manifest: StageManifest) -> StageReport:
@@ -187,6 +201,14 @@ def plan_shards(prepared: PreparedStage) -> list[dict[str, Any]]:
     return prepared.spec.plan_shards(prepared.ctx)
 
 
+def worker_slots(prepared: PreparedStage, n_shards: int) -> list[WorkerSlot]:
+    """The worker processes the stage's shards should run in; [] = run them in this process."""
+    if prepared.cached is not None or prepared.spec.shard_slots is None or n_shards == 0:
+        return []
+    slots = prepared.spec.shard_slots(prepared.ctx, n_shards)
+    return slots if len(slots) > 1 else []
+
+
 def finish_stage(prepared: PreparedStage, shard_results: list[dict[str, Any]] | None = None) -> StageOutcome:
     """Merge (build), write the report, commit the manifest last."""
     if prepared.cached is not None:
@@ -225,6 +247,17 @@ def run_stage(
     """Run one stage start to finish in this process (shards, if any, one after another)."""
     prepared = prepare_stage(spec, cfg, store, force=force, progress=progress, log=log)
     shards = plan_shards(prepared)
+    slots = worker_slots(prepared, len(shards))
+    if slots:
+        done: list[int] = []
+
+        def on_shard(summary: dict[str, Any]) -> None:
+            done.append(1)
+            progress(len(done) / len(shards), f"shard {len(done)}/{len(shards)} ({len(slots)} workers)")
+
+        results = run_in_workers(spec.name, cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards, slots,
+                                 log=prepared.ctx.log, on_shard=on_shard)
+        return finish_stage(prepared, results)
     results = []
     for i, shard in enumerate(shards):
         results.append(spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]

@@ -25,8 +25,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from tasks.common.nvjpeg import decode_jpegs
 from tasks.tag.preprocess import ImageError, composite_white, open_image, pad_offsets
 
 JPEG_SOI = b"\xff\xd8\xff"
@@ -69,7 +69,7 @@ def decode_batch(loaded: Sequence[Loaded], device: str | torch.device) -> list[t
     if jpeg_idx:
         datas = [loaded[i] for i in jpeg_idx]
         try:
-            decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpegs(datas, device)
         except RuntimeError:  # one bad stream fails the batch: decode one by one to isolate it
             decoded = [_decode_one_jpeg(d, device) for d in datas]
         for i, img in zip(jpeg_idx, decoded):
@@ -84,7 +84,7 @@ def decode_batch(loaded: Sequence[Loaded], device: str | torch.device) -> list[t
 
 def _decode_one_jpeg(data: torch.Tensor, device: str | torch.device) -> torch.Tensor | ImageError:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpegs(data, device)
     except RuntimeError:  # nvJPEG / libjpeg refused it: PIL decides (CMYK is fine there, corrupt is not)
         pixels = decode_pil(data.numpy().tobytes())
         if isinstance(pixels, ImageError):

@@ -31,7 +31,8 @@ from data_contracts.store import ArtifactStore, atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
-from tasks.tag.backends import choose_backend, load_backend
+from tasks.common.shard_workers import WorkerSlot, plan_slots
+from tasks.tag.backends import choose_backend, load_backend, resolve_device
 from tasks.tag.gpu_pipeline import BatchResult, run_pipeline
 from tasks.tag.cpu_pipeline import run_cpu_pipeline
 from tasks.tag.merge import Merger, MergeRules
@@ -205,6 +206,15 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
         ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
     ctx.log.info("tag: shard %d: %d tagged, %d rejected", k, len(rows), len(rejects))
     return summary
+
+
+def shard_slots(ctx: StageContext, n_shards: int) -> list[WorkerSlot]:
+    """One worker process per GPU (tag.processes=0 on CUDA), or tag.processes CPU processes."""
+    cfg = ctx.section
+    device = resolve_device(cfg.device)
+    if device == "cpu" and cfg.processes <= 1:
+        return []
+    return plan_slots(cfg.processes, device, n_shards)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -396,4 +406,5 @@ def fingerprint_extra(cfg) -> dict:
 
 
 SPEC = StageSpec(name="tag", upstream=("ingest",), code_version=CODE_VERSION, build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard)
+                 fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard,
+                 shard_slots=shard_slots)

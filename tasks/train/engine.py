@@ -64,7 +64,8 @@ def configure_backends(device: torch.device, attention: str = "auto") -> None:
 
 
 def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False, channels_last: bool = False,
-                 compile: bool = False, compile_mode: str | None = None) -> torch.nn.Module:
+                 compile: bool = False, compile_mode: str | None = None, compile_tuning: bool = False
+                 ) -> torch.nn.Module:
     """Train mode, SDPA attention, optional checkpointing / channels_last / torch.compile (in place).
 
     `nn.Module.compile` keeps the module and its state_dict keys as they are; `unet.forward(...)` still runs
@@ -84,7 +85,11 @@ def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False,
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        unet.compile(dynamic=False, mode=compile_mode)
+        if compile_tuning:  # inductor benchmarks tile sizes of its own (norm/elementwise) kernels: slower compile
+            import torch._inductor.config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = True
+        unet.compile(dynamic=False, mode=None if compile_mode == "default" else compile_mode)
     return unet
 
 
@@ -182,7 +187,8 @@ class Engine:
 
     def __init__(self, accelerator, unet, optimizer, scheduler, objective: Objective, *, grad_accum: int,
                  max_grad_norm: float, text_encoder=None, text_encoder_module=None, train_text_encoder: bool = False,
-                 clip_skip: int = 2, channels_last: bool = False, ema: Ema | None = None) -> None:
+                 clip_skip: int = 2, channels_last: bool = False, ema: Ema | None = None,
+                 cudagraphs: bool = False) -> None:
         self.acc = accelerator
         self.unet = unet
         self.optimizer = optimizer
@@ -202,6 +208,13 @@ class Engine:
         self.params = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
         if train_text_encoder:
             self.params += [p for p in self.te_module.parameters() if p.requires_grad]
+        # CUDA graphs (compile mode reduce-overhead) own their outputs' memory: a gradient must never *be* a
+        # graph output (autograd would adopt it as .grad when .grad is None), so gradients live in buffers
+        # of their own, zeroed instead of freed, and each micro-step starts a new graph step.
+        self.cudagraphs = cudagraphs
+        if cudagraphs:
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -222,6 +235,8 @@ class Engine:
         x_t, timestep, target, t_weight = self.objective.inputs(x0, noise, b.levels)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         pred = self.unet(x_t, timestep, encoder_hidden_states=context, return_dict=False)[0]
         loss, _ = weighted_mse(pred, target, weight * t_weight)
         return loss
@@ -264,7 +279,7 @@ class Engine:
         with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
         self._loss_sum.zero_()
         self._micro = 0
         return StepOutcome(loss=loss, grad_norm=norm, applied=applied)

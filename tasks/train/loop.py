@@ -154,6 +154,15 @@ class _Run:
                               device="cpu", cache_dir=cache_dir)
         return source, comps
 
+    @property
+    def compile_mode(self) -> str:
+        """CUDA graphs only where measured: one process on a GPU (DDP and the CPU use the default mode)."""
+        if self.cfg.compile_mode != "reduce-overhead":
+            return self.cfg.compile_mode
+        if self.device.type != "cuda" or self.acc.num_processes > 1:
+            return "default"
+        return "reduce-overhead"
+
     def run(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
         t_start = time.time()
@@ -166,11 +175,14 @@ class _Run:
             log.warning("cache latents came from model %s, training %s: make sure both share the same VAE",
                         manifest.vae_identity[:12], source.identity[:12])
         configure_backends(self.device, cfg.attention_backend)
+        if cfg.compile and self.compile_mode != cfg.compile_mode:
+            log.info("train.compile_mode=%s applies to one process on a GPU; %d process(es) on %s compile in "
+                     "the default mode", cfg.compile_mode, acc.num_processes, self.device.type)
         torch.manual_seed(cfg.seed)
 
         unet = comps.unet.to(self.device)
         prepare_unet(unet, gradient_checkpointing=cfg.gradient_checkpointing, channels_last=cfg.channels_last,
-                     compile=cfg.compile)
+                     compile=cfg.compile, compile_mode=self.compile_mode)
         te = comps.text_encoder.to(self.device)
         te.requires_grad_(cfg.train_text_encoder)
         if cfg.train_text_encoder:
@@ -206,7 +218,8 @@ class _Run:
         engine = Engine(acc, unet, optimizer, scheduler, objective, grad_accum=cfg.grad_accum,
                         max_grad_norm=cfg.max_grad_norm, text_encoder=te, text_encoder_module=self.te_module,
                         train_text_encoder=cfg.train_text_encoder, clip_skip=cfg.clip_skip,
-                        channels_last=cfg.channels_last, ema=ema)
+                        channels_last=cfg.channels_last, ema=ema,
+                        cudagraphs=cfg.compile and self.compile_mode == "reduce-overhead")
 
         state = TrainerState(world_size=acc.num_processes, total_steps=total)
         reader_state = None

@@ -146,3 +146,48 @@ def test_sample_grid_under_bf16_autocast_is_an_image(make_cache, model_cache, tm
     assert result["samples"] == ["samples/step-00000001.png"]
     grid = np.asarray(Image.open(work / result["samples"][0]))
     assert grid.shape == (64, 128, 3) and grid.std() > 5  # one row (prompt) x two columns (seeds)
+
+
+def test_cudagraph_bookkeeping_keeps_own_grad_buffers_with_the_same_update(model_cache):
+    """Under CUDA graphs gradients must never be graph outputs adopted as .grad: the engine gives every
+    parameter its own gradient buffer, zeroes instead of freeing it, and starts a graph step per micro-step.
+    The update must be exactly the plain one (2 windows of 2 micro-steps, CPU: same arithmetic)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from tasks.models.load import load_sd15
+    from tasks.models.sources import resolve_model_source
+    from tasks.models.text_encode import pack_batch
+    from tasks.train.batches import StepBatch
+    from tasks.train.engine import Engine, make_optimizer
+    from tasks.train.objective import Objective
+
+    finals, buffers = [], []
+    for cudagraphs in (False, True):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=True)
+        comps = load_sd15(resolve_model_source("builtin:tiny-sd15", model_cache), ("unet", "text_encoder"))
+        unet = comps.unet.train()
+        opt = make_optimizer([{"params": list(unet.parameters())}], kind="adamw", lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        obj = Objective("flow", shift=2.0)
+        engine = Engine(acc, unet, opt, sched, obj, grad_accum=2, max_grad_norm=1.0,
+                        text_encoder=comps.text_encoder, cudagraphs=cudagraphs)
+        first = next(unet.parameters())
+        before = first.grad
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            b = StepBatch(ids=[1, 2], bucket=(64, 64), x0=torch.randn(2, 4, 8, 8, generator=g),
+                          noise=torch.randn(2, 4, 8, 8, generator=g),
+                          levels=obj.levels([0.3, 0.6], [0, 0]), token_ids=pack_batch([[320], []], 3),
+                          weight=torch.ones(2))
+            engine.micro_step(b)
+            if engine.window_full:
+                assert engine.optimizer_step().applied
+        buffers.append((before, first.grad))
+        finals.append({k: v.detach().clone() for k, v in unet.state_dict().items()})
+    assert buffers[0][0] is None and buffers[0][1] is None  # plain path frees gradients
+    own_before, own_after = buffers[1]
+    assert own_after is own_before and not own_after.any()  # same buffer, zeroed after the step
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=0, atol=0)

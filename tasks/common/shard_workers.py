@@ -1,0 +1,206 @@
+"""Spread a sharded stage's shards over worker processes: one per GPU (or N on the CPU).
+
+Each worker is `python -m tasks.common.shard_workers <job.json>` started with CUDA_VISIBLE_DEVICES set to
+its one GPU, so the stage code inside sees exactly one device and "cuda" means that GPU. A worker reopens
+the stage (same fingerprint, same work folder) and runs its shards with the stage's own `run_shard`, which
+journals each shard (done mark last): a killed worker loses at most the shard it was on, and the parent
+only collects summaries from the journal, so a rerun of the stage redoes only unfinished shards.
+
+Shards go to workers round-robin in plan order (shards are equal-sized, so the split is even). Worker
+output is relayed line by line to the stage log; a `@@booruflow-shard {json}` line reports a finished
+shard. A worker that fails makes the whole call fail with its last lines; the parent going down (flow
+cancelled) takes every worker's process group with it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from data_contracts.errors import ConfigError, ContractError, StageError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EVENT_PREFIX = "@@booruflow-shard "
+EXIT_USER_ERROR = 3  # a StageError/ConfigError/ContractError inside the worker (its message is the last line)
+USER_ERRORS = ("StageError:", "ConfigError:", "ContractError:")
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One worker process: which device it gets ("cpu", or a CUDA device id as the parent sees it)."""
+
+    device: str
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.device == "cpu" else f"gpu{self.device}"
+
+
+def visible_gpu_ids() -> list[str]:
+    """CUDA device ids this process may use, as CUDA_VISIBLE_DEVICES would name them to a child."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and listed.strip():
+        ids = [x.strip() for x in listed.split(",") if x.strip()]
+        return ids[:n]
+    return [str(i) for i in range(n)]
+
+
+def plan_slots(processes: int, device: str, n_shards: int) -> list[WorkerSlot]:
+    """Worker slots for a stage: `processes` 0 = one per visible GPU on CUDA (one process on the CPU).
+
+    On CUDA, more processes than GPUs is an error (two processes on one GPU only fight over it); on
+    the CPU, N processes run N copies of the model (for many-core hosts). Never more slots than shards.
+    """
+    if device == "cuda":
+        gpus = visible_gpu_ids()
+        if not gpus:
+            raise ConfigError("the stage asks for CUDA but torch sees no GPU; set its device to auto or cpu")
+        if processes > len(gpus):
+            raise ConfigError(f"{processes} worker processes asked for, but only {len(gpus)} GPU(s) are visible "
+                              f"({','.join(gpus)}); use at most one process per GPU, or 0 for all of them")
+        slots = [WorkerSlot(g) for g in gpus[: processes or len(gpus)]]
+    else:
+        slots = [WorkerSlot("cpu")] * max(1, processes)
+    return slots[: max(1, min(len(slots), n_shards))]
+
+
+def split_round_robin(shards: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]:
+    return [shards[r::n] for r in range(n)]
+
+
+def worker_env(slot: WorkerSlot, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # The worker sees only its GPU; on the CPU it must not grab any GPU at all.
+    env["CUDA_VISIBLE_DEVICES"] = "" if slot.device == "cpu" else slot.device
+    return env
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_in_workers(stage: str, config: dict[str, Any], fingerprint: str, shards: list[dict[str, Any]],
+                   slots: list[WorkerSlot], *, log: logging.Logger,
+                   on_shard: Callable[[dict[str, Any]], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Run `shards` of a prepared stage in one process per slot; return the shard summaries in plan order.
+
+    `config` is the pipeline config as JSON-able data (model_dump(mode="json")): secrets are never in it
+    (they travel as environment variables, which the workers inherit).
+    """
+    if not shards:
+        return []
+    shares = split_round_robin(shards, len(slots))
+    procs: list[tuple[WorkerSlot, subprocess.Popen, deque[str]]] = []
+    job_dir = Path(tempfile.mkdtemp(prefix=f"booruflow-{stage}-workers-"))
+    done: dict[int, dict[str, Any]] = {}
+    try:
+        for r, (slot, share) in enumerate(zip(slots, shares)):
+            job = job_dir / f"worker-{r}.json"
+            job.write_text(json.dumps({"stage": stage, "config": config, "fingerprint": fingerprint,
+                                       "shards": share, "label": slot.label}))
+            proc = subprocess.Popen([sys.executable, "-m", "tasks.common.shard_workers", str(job)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    env=worker_env(slot), cwd=str(REPO_ROOT), start_new_session=True)
+            log.info("%s: worker %d on %s: %d shard(s), pid %d", stage, r, slot.label, len(share), proc.pid)
+            procs.append((slot, proc, deque(maxlen=30)))
+        _relay(stage, procs, log, lambda s: (done.__setitem__(int(s["index"]), s), on_shard(s)))
+    except BaseException:
+        for _, proc, _ in procs:  # cancelled, or the parent is going down: no orphans
+            _stop_group(proc)
+        raise
+    finally:
+        for f in job_dir.glob("*"):
+            f.unlink(missing_ok=True)
+        job_dir.rmdir()
+    failed = [(slot, proc.returncode, tail) for slot, proc, tail in procs if proc.returncode != 0]
+    if failed:
+        slot, rc, tail = failed[0]
+        user = next((l for l in reversed(tail) if l.startswith(USER_ERRORS)), None)
+        if rc == EXIT_USER_ERROR and user:
+            raise StageError(f"{stage} worker on {slot.label}: {user.split(': ', 1)[1]}")
+        raise StageError(f"{stage} worker on {slot.label} exited with code {rc}; last output:\n" + "\n".join(tail))
+    missing = [int(s["index"]) for s in shards if int(s["index"]) not in done]
+    if missing:
+        raise StageError(f"{stage}: workers exited without reporting shard(s) {missing[:10]}; rerun the stage")
+    return [done[int(s["index"])] for s in shards]
+
+
+def _relay(stage: str, procs: list[tuple[WorkerSlot, subprocess.Popen, deque[str]]], log: logging.Logger,
+           on_shard: Callable[[dict[str, Any]], None]) -> None:
+    """Forward every worker's lines to the log until all have exited; shard events go to on_shard."""
+    sel = selectors.DefaultSelector()
+    for r, (slot, proc, tail) in enumerate(procs):
+        sel.register(proc.stdout, selectors.EVENT_READ, (r, slot, tail))  # type: ignore[arg-type]
+    open_streams = len(procs)
+    while open_streams:
+        for key, _ in sel.select(timeout=1.0):
+            r, slot, tail = key.data
+            line = key.fileobj.readline()  # type: ignore[union-attr]
+            if not line:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            line = line.rstrip("\n")
+            if line.startswith(EVENT_PREFIX):
+                try:
+                    on_shard(json.loads(line[len(EVENT_PREFIX):]))
+                    continue
+                except json.JSONDecodeError:
+                    pass
+            tail.append(line)
+            log.info("[%s %s] %s", stage, slot.label, line)
+    for _, proc, _ in procs:
+        proc.wait()
+
+
+# --- the worker side ---------------------------------------------------------------------------------
+def worker_main(job_file: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    job = json.loads(Path(job_file).read_text())
+    stage = job["stage"]
+    log = logging.getLogger(f"booruflow.{stage}.{job.get('label', 'worker')}")
+    try:
+        from data_contracts.store import ArtifactStore
+        from pipeline_config.load import load_config
+        from pipeline_config.secrets import install_redaction
+        from tasks.common.stage import reopen_stage
+        from tasks.registry import stage_spec
+
+        install_redaction()
+        cfg = load_config(job["config"])
+        spec = stage_spec(stage)
+        prepared = reopen_stage(spec, cfg, ArtifactStore.for_config(cfg), job["fingerprint"], log=log)
+        for shard in job["shards"]:
+            summary = spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
+            print(EVENT_PREFIX + json.dumps(summary), flush=True)
+    except (StageError, ConfigError, ContractError) as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))

@@ -1,0 +1,121 @@
+"""Shards spread over worker processes (one per GPU; on this CPU-only machine, N CPU processes run the same
+code): same bytes as in-process, every process used, a worker failure is a clear error and a rerun resumes."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from data_contracts.errors import ConfigError, StageError
+from data_contracts.store import ArtifactStore
+from data_contracts.tag import TagManifest
+from pipeline_config.load import load_config, section_dict
+from tasks.common import shard_workers
+from tasks.common.shard_workers import WorkerSlot, plan_slots, run_in_workers, split_round_robin, worker_env
+from tasks.common.stage import finish_stage, plan_shards, prepare_stage, run_stage, worker_slots
+from tasks.ingest import stage as ingest_stage
+from tasks.tag import stage as tag_stage
+
+
+def _cfg(root, *extra: str):
+    return load_config("demo", [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}",
+                                "ingest.embedded.posts=160", "tag.shard_size=40", *extra])
+
+
+def _tags(store: ArtifactStore) -> tuple[str, bytes]:
+    manifest = store.read_manifest(TagManifest)
+    return manifest.fingerprint, store.path(manifest, "tags.parquet", verify=True).read_bytes()
+
+
+def test_round_robin_split_and_slot_planning(monkeypatch):
+    shards = [{"index": i} for i in range(7)]
+    assert [[s["index"] for s in part] for part in split_round_robin(shards, 3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert plan_slots(0, "cpu", 5) == [WorkerSlot("cpu")]
+    assert plan_slots(3, "cpu", 2) == [WorkerSlot("cpu")] * 2  # never more workers than shards
+    monkeypatch.setattr(shard_workers, "visible_gpu_ids", lambda: ["2", "5"])
+    assert plan_slots(0, "cuda", 10) == [WorkerSlot("2"), WorkerSlot("5")]  # every visible GPU
+    assert plan_slots(1, "cuda", 10) == [WorkerSlot("2")]
+    with pytest.raises(ConfigError, match="only 2 GPU"):
+        plan_slots(3, "cuda", 10)
+    # A worker sees only its own GPU (and none at all on the CPU).
+    assert worker_env(WorkerSlot("5"), {"CUDA_VISIBLE_DEVICES": "2,5"})["CUDA_VISIBLE_DEVICES"] == "5"
+    assert worker_env(WorkerSlot("cpu"), {})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_visible_gpu_ids_follow_cuda_visible_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert shard_workers.visible_gpu_ids() == ["3", "1"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert shard_workers.visible_gpu_ids() == ["0", "1"]
+
+
+def test_tag_in_two_worker_processes_equals_in_process(tmp_path):
+    cfg = _cfg(tmp_path)
+    store = ArtifactStore.for_config(cfg)
+    run_stage(ingest_stage.SPEC, cfg, store)
+    run_stage(tag_stage.SPEC, cfg, store)
+    fp, in_process = _tags(store)
+
+    # tag.processes is how it runs, not what it writes: same fingerprint, forced rebuild in 2 processes.
+    cfg2 = _cfg(tmp_path, "tag.processes=2")
+    assert section_dict(cfg2, "tag") == section_dict(cfg, "tag")
+    seen: list[dict] = []
+    prepared = prepare_stage(tag_stage.SPEC, cfg2, store, force=True)
+    shards = plan_shards(prepared)
+    assert len(shards) == 4
+    slots = worker_slots(prepared, len(shards))
+    assert slots == [WorkerSlot("cpu"), WorkerSlot("cpu")]
+    results = run_in_workers("tag", cfg2.model_dump(mode="json"), fp, shards, slots,
+                             log=logging.getLogger("test"), on_shard=seen.append)
+    assert [r["index"] for r in results] == [0, 1, 2, 3] and len(seen) == 4
+    pids = {r["worker"].rsplit(":", 1)[1] for r in results}
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # both workers used, neither is this process
+    assert {r["worker"] for r in results[0::2]} != {r["worker"] for r in results[1::2]}  # round robin
+    out2 = finish_stage(prepared, results)
+    assert out2.manifest.fingerprint == fp
+    assert store.path(out2.manifest, "tags.parquet").read_bytes() == in_process
+
+    # run_stage takes the same path by itself.
+    out3 = run_stage(tag_stage.SPEC, cfg2, store, force=True)
+    assert store.path(out3.manifest, "tags.parquet").read_bytes() == in_process
+
+
+def test_worker_failure_is_a_clear_error_and_the_rerun_resumes(tmp_path):
+    cfg = _cfg(tmp_path, "tag.processes=2")
+    store = ArtifactStore.for_config(cfg)
+    n_posts = run_stage(ingest_stage.SPEC, cfg, store).manifest.row_counts["posts"]
+    prepared = prepare_stage(tag_stage.SPEC, cfg, store)
+    shards = plan_shards(prepared)
+    # A worker given the wrong fingerprint refuses with the stage's own message, named by its device.
+    with pytest.raises(StageError, match=r"tag worker on cpu: .*fingerprint"):
+        run_in_workers("tag", cfg.model_dump(mode="json"), "0" * 16, shards[:2], [WorkerSlot("cpu")] * 2,
+                       log=logging.getLogger("test"))
+    # One worker runs shard 1 and is done; the stage then runs only the remaining shards.
+    run_in_workers("tag", cfg.model_dump(mode="json"), prepared.ctx.fingerprint, [shards[1]], [WorkerSlot("cpu")],
+                   log=logging.getLogger("test"))
+    left = plan_shards(prepare_stage(tag_stage.SPEC, cfg, store))
+    assert [s["index"] for s in left] == [0, 2, 3]
+    out = run_stage(tag_stage.SPEC, cfg, store)
+    assert out.manifest.row_counts["tags"] + out.manifest.row_counts["rejects"] == n_posts
+
+
+def test_flow_runs_one_task_per_device_worker(tmp_path, prefect_api):
+    from flows.fm import fm
+    from tests.scale.test_sharded import _task_run_names
+
+    overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
+                 "ingest.embedded.posts=160", "tag.shard_size=40", "tag.processes=2"]
+    state = fm(config="demo", stages=["ingest", "tag"], overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    _, tag = state.result()
+    assert len(tag["shards"]) == 4 and [s["index"] for s in tag["shards"]] == [0, 1, 2, 3]
+    pids = {s["worker"].rsplit(":", 1)[1] for s in tag["shards"]}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    names = _task_run_names(state.state_details.flow_run_id, expected=5)
+    assert {"tag-cpu-0", "tag-cpu-1", "tag-merge"} <= set(names), names
+    assert not any(n.startswith("tag-shard-") for n in names)
