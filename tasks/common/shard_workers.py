@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ def worker_main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     stage = job["stage"]
     log = logging.getLogger(f"booruflow.{stage}.{job.get('label', 'worker')}")
+    started = time.monotonic()
     try:
         from data_contracts.store import ArtifactStore
         from pipeline_config.load import load_config
@@ -192,7 +194,10 @@ def worker_main(job_file: str) -> int:
         install_redaction()
         cfg = load_config(job["config"])
         spec = stage_spec(stage)
+        imported = time.monotonic()
         prepared = reopen_stage(spec, cfg, ArtifactStore.for_config(cfg), job["fingerprint"], log=log)
+        log.info("%s: worker ready in %.1f s (imports %.1f s, stage reopened %.1f s)", stage,
+                 time.monotonic() - started, imported - started, time.monotonic() - imported)
         for shard in job["shards"]:
             summary = spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
             print(EVENT_PREFIX + json.dumps(summary), flush=True)
