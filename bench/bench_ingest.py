@@ -31,6 +31,14 @@ sys.path.insert(0, str(REPO))
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak RSS. /proc's VmHWM starts afresh at exec; ru_maxrss would also count the
+    parent's size at fork time (the bench driver holding the whole posts list)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -85,8 +93,11 @@ def run_ours(url: str, work: Path, concurrency: int, workers: int, verify_mode: 
     cpu = cpu_seconds() - cpu0
     posts = pq.read_table(Path(out.output_path) / "posts.parquet", columns=["file_size"])
     # (RUSAGE_CHILDREN's maxrss would report the parent's size at fork time: ask the stage's own figure)
-    workers_rss = (out.manifest.stats["run"].get("verify") or {}).get("worker_peak_rss_mib")
-    return {"images": posts.num_rows, "bytes": sum(posts.column("file_size").to_pylist()), "seconds": seconds,
+    run = out.manifest.stats["run"]
+    workers_rss = (run.get("verify") or {}).get("worker_peak_rss_mib")
+    split = {"verify start": (run.get("verify") or {}).get("start_seconds"), "tables": run.get("assemble_seconds"),
+             "pictures": run.get("pictures_seconds")}
+    return {"crawl_seconds": run.get("crawl_seconds"), "split": split, "images": posts.num_rows, "bytes": sum(posts.column("file_size").to_pylist()), "seconds": seconds,
             "rejects": out.manifest.row_counts["rejects"], "peak_rss_mib": peak_rss_mib(),
             "worker_peak_rss_mib": workers_rss, "cpu_s": cpu}
 
@@ -208,6 +219,10 @@ def main() -> None:
                   f"{r['bytes'] / r['seconds'] / 2**20:.1f} MB/s, peak RSS {r['peak_rss_mib']:.0f} MiB"
                   + (f" (+ {r['worker_peak_rss_mib']:.0f} MiB per verify worker)" if r.get("worker_peak_rss_mib")
                      else ""), flush=True)
+            if r.get("crawl_seconds"):  # the stage's own split: crawl + downloads vs fixed costs
+                print(f"{'':>9}  crawl + download + verify: {r['crawl_seconds']:.1f} s = "
+                      f"{r['images'] / r['crawl_seconds']:.0f} img/s; the rest {r['seconds'] - r['crawl_seconds']:.1f} s: "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in r["split"].items() if v is not None), flush=True)
             cores = (os.cpu_count() or 1) if mode == "ours" else 1  # the reference is one sequential loop
             print(f"{'':>9}  CPU {r['cpu_s'] / r['images'] * 1000:.2f} ms/img client + "
                   f"{r['server_cpu_s'] / r['images'] * 1000:.2f} ms/img server -> at most "

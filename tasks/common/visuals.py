@@ -269,7 +269,7 @@ def save_png(img: Image.Image, out_dir: Path, name: str) -> str:
     """Write `<out_dir>/visuals/<name>.png` atomically; returns the path relative to out_dir."""
     rel = png_rel(name)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="PNG", compress_level=1)  # ~3x faster than the default 6, ~15 % larger sheets
     atomic_write_bytes(Path(out_dir) / rel, buf.getvalue())
     return rel
 

@@ -40,17 +40,15 @@ def learning_curve_plot(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCh
     Base-model points (step 0) join the line of the objective they were sampled with; extra checkpoints
     with an unknown step (-1) are left out of the plot (they are in the table).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.common.visuals import new_figure
 
     summary = summary_rows(rows, checkpoints)
     kinds = [k for k in ("character", "artist") if any(f"{k}_probe_hit_rate" in s for s in summary)]
     if not kinds:
         return False
     has_tag = any(s.get(f"{k}_tag_hit_rate") is not None for s in summary for k in kinds)
-    fig, axes = plt.subplots(1, 2 if has_tag else 1, figsize=(11 if has_tag else 6.5, 4.2), squeeze=False)
+    fig = new_figure(11 if has_tag else 6.5, 4.2)  # object API: no pyplot state shared between threads
+    axes = fig.subplots(1, 2 if has_tag else 1, squeeze=False)
     styles = {"character": "-", "artist": "--"}
     for ax_i, (metric, title) in enumerate([("probe_hit_rate", "probe hit rate (nearest centroid)"),
                                             ("tag_hit_rate", "tagger hit rate (own tag > threshold)")][:1 + has_tag]):
@@ -78,7 +76,6 @@ def learning_curve_plot(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCh
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return True
 

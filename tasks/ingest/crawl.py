@@ -65,8 +65,10 @@ async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, l
     report = _Progress(progress, ledger, sum(min(q, 10**9) for q in quotas))
     queue: asyncio.Queue[tuple[int, Post] | None] = asyncio.Queue(maxsize=cfg.api.concurrency * 4)
     verifier = make_verifier(cfg.verify.mode, verify_workers(cfg))
+    t_start = time.monotonic()
     try:
         await verifier.start()
+        t_crawl = time.monotonic()
         async with DanbooruClient(cfg.api, base_url, login, api_key) as client:
             downloader = Downloader(client, pool, verifier, max_pixels=cfg.verify.max_pixels,
                                     content_retries=cfg.api.content_retries)
@@ -110,7 +112,9 @@ async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, l
                 "throttle_429_pauses": client.page_throttle.penalties,
                 "downloads": {k: round(v, 3) if isinstance(v, float) else v for k, v in downloader.stats.items()},
                 "verify": {"mode": cfg.verify.mode, "workers": verify_workers(cfg), "crashes": verifier.crashes,
-                           "worker_peak_rss_mib": round(peak, 1) if peak else None},
+                           "worker_peak_rss_mib": round(peak, 1) if peak else None,
+                           "start_seconds": round(t_crawl - t_start, 2)},
+                "crawl_seconds": round(time.monotonic() - t_crawl, 2),  # pages + downloads + verification
             }
     finally:
         await verifier.close()

@@ -68,14 +68,18 @@ def build(ctx: StageContext) -> StageResult:
             run_stats = {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
                                              workers=verify_workers(cfg))}
         ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
+        t_assemble = time.monotonic()
         row_counts, stats, summary, tables, reject_images = assemble(ctx.work, ledger, cfg, plan, source_desc,
                                                                      run_stats)
     finally:
         ledger.close()
     # Pictures before the journals go: a kill while drawing then resumes from the journals, not a new crawl.
     ctx.progress(0.995, "drawing contact sheets")
+    t_pictures = time.monotonic()
     images, note = make_pictures(ctx, reject_images)
     stats["run"]["seconds"] = round(time.monotonic() - started, 2)
+    stats["run"]["assemble_seconds"] = round(t_pictures - t_assemble, 2)
+    stats["run"]["pictures_seconds"] = round(time.monotonic() - t_pictures, 2)
     shutil.rmtree(ctx.work / JOURNAL_DIR, ignore_errors=True)
     reasons = {row["reason"]: row["count"] for row in tables["rejects_by_reason"]}
     ctx.log.info(redact(f"ingest: {row_counts['posts']} posts, {row_counts['rejects']} rejects"))
