@@ -97,7 +97,7 @@ def run_ours(url: str, work: Path, concurrency: int, workers: int, verify_mode: 
     workers_rss = (run.get("verify") or {}).get("worker_peak_rss_mib")
     split = {"verify start": (run.get("verify") or {}).get("start_seconds"), "tables": run.get("assemble_seconds"),
              "pictures": run.get("pictures_seconds")}
-    return {"crawl_seconds": run.get("crawl_seconds"), "split": split, "images": posts.num_rows, "bytes": sum(posts.column("file_size").to_pylist()), "seconds": seconds,
+    return {"rss_steps_mib": run.get("rss_mib"), "crawl_seconds": run.get("crawl_seconds"), "split": split, "images": posts.num_rows, "bytes": sum(posts.column("file_size").to_pylist()), "seconds": seconds,
             "rejects": out.manifest.row_counts["rejects"], "peak_rss_mib": peak_rss_mib(),
             "worker_peak_rss_mib": workers_rss, "cpu_s": cpu}
 
@@ -223,6 +223,8 @@ def main() -> None:
                 print(f"{'':>9}  crawl + download + verify: {r['crawl_seconds']:.1f} s = "
                       f"{r['images'] / r['crawl_seconds']:.0f} img/s; the rest {r['seconds'] - r['crawl_seconds']:.1f} s: "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in r["split"].items() if v is not None), flush=True)
+            if r.get("rss_steps_mib"):
+                print(f"{'':>9}  RSS by step (MiB): {r['rss_steps_mib']}", flush=True)
             cores = (os.cpu_count() or 1) if mode == "ours" else 1  # the reference is one sequential loop
             print(f"{'':>9}  CPU {r['cpu_s'] / r['images'] * 1000:.2f} ms/img client + "
                   f"{r['server_cpu_s'] / r['images'] * 1000:.2f} ms/img server -> at most "

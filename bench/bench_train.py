@@ -386,6 +386,7 @@ def loop_smoke(args, device: torch.device) -> dict:
     train = TrainConfig.model_validate({
         "model": "builtin:tiny-sd15", "batch_size": 4, "grad_accum": 2, "max_steps": 12, "lr": 1e-3,
         "optimizer": "adamw8bit", "mixed_precision": "bf16" if cuda else "no", "compile": cuda,
+        "compile_mode": "reduce-overhead" if cuda else "default",  # the preset's CUDA graphs
         "attention_backend": "cudnn" if cuda else "auto", "checkpoint_every": 5, "launcher": "inprocess",
         "ema": {"enabled": True}, "validation": {"fraction": 0.1, "every": 6},
         "sampling": {"every": 6, "prompts": ["a", "b"], "seeds": [0, 1], "steps": 4, "width": 256, "height": 256}})

@@ -68,6 +68,7 @@ def build(ctx: StageContext) -> StageResult:
             run_stats = {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
                                              workers=verify_workers(cfg))}
         ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
+        rss = {"after_crawl": _rss_mib()}
         t_assemble = time.monotonic()
         row_counts, stats, summary, tables, reject_images = assemble(ctx.work, ledger, cfg, plan, source_desc,
                                                                      run_stats)
@@ -76,7 +77,10 @@ def build(ctx: StageContext) -> StageResult:
     # Pictures before the journals go: a kill while drawing then resumes from the journals, not a new crawl.
     ctx.progress(0.995, "drawing contact sheets")
     t_pictures = time.monotonic()
+    rss["after_tables"] = _rss_mib()
     images, note = make_pictures(ctx, reject_images)
+    rss["after_pictures"] = _rss_mib()
+    stats["run"]["rss_mib"] = rss  # this process's resident memory at each step (Linux; None elsewhere)
     stats["run"]["seconds"] = round(time.monotonic() - started, 2)
     stats["run"]["assemble_seconds"] = round(t_pictures - t_assemble, 2)
     stats["run"]["pictures_seconds"] = round(time.monotonic() - t_pictures, 2)
@@ -90,6 +94,16 @@ def build(ctx: StageContext) -> StageResult:
                          "reject_reasons": reasons},
         report=StageReport(summary_md=summary + note, tables=tables, images=images),
     )
+
+
+def _rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def make_pictures(ctx: StageContext, reject_images: dict[int, str]) -> tuple[dict[str, str], str]:
