@@ -4,7 +4,8 @@
 Runs the real stage (tasks.tag.stage through run_stage: journaled shards, merge, weights, report) over
 --n generated 768x1024 JPEGs committed as an ingest output, with the real WD SwinV2 shape (random
 weights, bf16, fused window attention). First `tag.processes=1` (this process, GPU 0 — what a one-GPU
-host runs), then `tag.processes=0` (one worker per visible GPU, tasks/common/shard_workers.py), forced,
+host runs), then `tag.processes=0` (every visible GPU: this process on the first, one worker process on each
+other, shards claimed dynamically — tasks/common/shard_workers.py), forced,
 same fingerprint; asserts both write the same tags.parquet and prints wall times, img/s and the scaling
 efficiency (img/s on N GPUs / (N x img/s on one)). Stage wall time includes each worker's start-up
 (import, model load) — the figure a user sees.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -13,7 +14,7 @@ from flows.publish import ProgressReporter, publish_outcome
 from pipeline_config.load import load_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import install_redaction, register_secret
-from tasks.common.shard_workers import WorkerSlot, run_in_workers, split_round_robin
+from tasks.common.shard_workers import WorkerSlot, run_claimed, run_in_workers
 from tasks.common.stage import (StageOutcome, finish_stage, is_cached, plan_shards, prepare_stage, reopen_stage,
                                worker_slots)
 from tasks.registry import DAG_ORDER, implemented_stages, stage_spec
@@ -194,12 +195,17 @@ def shard_task(stage: str, cfg: PipelineConfig, fingerprint: str, shard: dict[st
 
 
 @task(name="workers", retries=0, cache_policy=NO_CACHE)
-def device_worker_task(stage: str, cfg: PipelineConfig, fingerprint: str, device: str,
-                       shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A share of a stage's shards in one worker process on one device (one such task per GPU)."""
+def device_worker_task(stage: str, cfg: PipelineConfig, fingerprint: str, device: str, shards: list[dict[str, Any]],
+                       claims: str, here: bool) -> list[dict[str, Any]]:
+    """One device's part of a stage's shards: it claims shards from the shared folder until none are left,
+    in this process (`here`: the first device, whose model loads at once) or in a worker process."""
     install_redaction()
+    if here:
+        spec = stage_spec(stage)
+        prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+        return run_claimed(shards, Path(claims), lambda shard: spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]
     return run_in_workers(stage, cfg.model_dump(mode="json"), fingerprint, shards, [WorkerSlot(device)],
-                          log=get_run_logger())  # type: ignore[arg-type]
+                          log=get_run_logger(), claims=Path(claims))  # type: ignore[arg-type]
 
 
 @task(name="merge", retries=0, cache_policy=NO_CACHE)
@@ -232,20 +238,28 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[s
     """
     slots = info.get("slots") or []
     if len(slots) > 1:
+        import shutil
+        import tempfile
+
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        shares = split_round_robin(info["shards"], len(slots))
-        with ThreadPoolTaskRunner(max_workers=len(slots)) as runner:  # every device at once
-            futures = [
-                runner.submit(
-                    device_worker_task.with_options(task_run_name=f"{stage}-{WorkerSlot(device).label}-{r}"),
-                    {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "device": device,
-                     "shards": share},
-                )
-                for r, (device, share) in enumerate(zip(slots, shares))
-            ]
-            by_index = {int(s["index"]): s for f in futures for s in f.result()}
-        results = [by_index[int(s["index"])] for s in info["shards"]]
+        claims = tempfile.mkdtemp(prefix=f"booruflow-{stage}-claims-")  # shared by this host's device tasks
+        try:
+            with ThreadPoolTaskRunner(max_workers=len(slots)) as runner:  # every device at once
+                futures = [
+                    runner.submit(
+                        device_worker_task.with_options(task_run_name=f"{stage}-{WorkerSlot(device).label}-{r}"),
+                        {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "device": device,
+                         "shards": info["shards"], "claims": claims, "here": r == 0},
+                    )
+                    for r, device in enumerate(slots)
+                ]
+                by_index = {int(s["index"]): s for f in futures for s in f.result()}
+        finally:
+            shutil.rmtree(claims, ignore_errors=True)
+        # A shard nobody reported (a worker died after claiming it) is run by the merge (build runs any
+        # shard missing from the journal).
+        results = [by_index[int(s["index"])] for s in info["shards"] if int(s["index"]) in by_index]
         return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
     with make_task_runner(cfg) as runner, _ray_gpu_options(stage, cfg):
         futures = [

@@ -6,9 +6,12 @@ the stage (same fingerprint, same work folder) and runs its shards with the stag
 journals each shard (done mark last): a killed worker loses at most the shard it was on, and the parent
 only collects summaries from the journal, so a rerun of the stage redoes only unfinished shards.
 
-Shards go to workers round-robin in plan order (shards are equal-sized, so the split is even). Worker
-output is relayed line by line to the stage log; a `@@booruflow-shard {json}` line reports a finished
-shard. A worker that fails makes the whole call fail with its last lines; the parent going down (flow
+Shards are handed out dynamically: every participant walks the plan in order and takes the next shard no
+one has claimed (an O_EXCL file per shard in a claims folder on this machine), so a GPU that starts late or
+runs slow simply takes fewer. The calling process can take part itself (`local`: it has the model loaded
+already, so it starts at once while the workers import and load theirs). Worker output is relayed line by
+line to the stage log; a `@@booruflow-shard {json}` line reports a finished shard. A worker that fails
+makes the call fail with its last lines (finished shards stay journaled); the parent going down (flow
 cancelled) takes every worker's process group with it.
 """
 from __future__ import annotations
@@ -17,10 +20,12 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -79,8 +84,28 @@ def plan_slots(processes: int, device: str, n_shards: int) -> list[WorkerSlot]:
     return slots[: max(1, min(len(slots), n_shards))]
 
 
-def split_round_robin(shards: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]:
-    return [shards[r::n] for r in range(n)]
+def claim(claims: Path, index: int) -> bool:
+    """Take shard `index` for this process; False when another participant has it (atomic O_EXCL create)."""
+    try:
+        os.close(os.open(claims / f"shard-{index:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+ShardFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def run_claimed(shards: list[dict[str, Any]], claims: Path, run: ShardFn,
+                on_shard: Callable[[dict[str, Any]], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Run, in plan order, every shard this process manages to claim; return their summaries."""
+    out = []
+    for shard in shards:
+        if claim(claims, int(shard["index"])):
+            summary = run(shard)
+            out.append(summary)
+            on_shard(summary)
+    return out
 
 
 def worker_env(slot: WorkerSlot, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -105,37 +130,53 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def run_in_workers(stage: str, config: dict[str, Any], fingerprint: str, shards: list[dict[str, Any]],
                    slots: list[WorkerSlot], *, log: logging.Logger,
-                   on_shard: Callable[[dict[str, Any]], None] = lambda s: None) -> list[dict[str, Any]]:
-    """Run `shards` of a prepared stage in one process per slot; return the shard summaries in plan order.
+                   on_shard: Callable[[dict[str, Any]], None] = lambda s: None,
+                   local: ShardFn | None = None, claims: Path | None = None) -> list[dict[str, Any]]:
+    """Run `shards` of a prepared stage in one process per slot (plus this process when `local` runs a shard
+    here); return the summaries of the shards done by this call, in plan order.
 
     `config` is the pipeline config as JSON-able data (model_dump(mode="json")): secrets are never in it
-    (they travel as environment variables, which the workers inherit).
+    (they travel as environment variables, which the workers inherit). `claims` is a folder shared with
+    other calls working on the same shards (the flow's one task per GPU); by default a private one.
+    Without `claims` given, every shard must come back done (a worker that died silently has its shards
+    run here when `local` is given, else it is an error); with a shared folder, the caller checks.
     """
     if not shards:
         return []
-    shares = split_round_robin(shards, len(slots))
-    procs: list[tuple[WorkerSlot, subprocess.Popen, deque[str]]] = []
     job_dir = Path(tempfile.mkdtemp(prefix=f"booruflow-{stage}-workers-"))
+    shared = claims is not None
+    claims = claims if shared else job_dir / "claims"
+    claims.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    procs: list[tuple[WorkerSlot, subprocess.Popen, deque[str]]] = []
     done: dict[int, dict[str, Any]] = {}
+
+    def finished(summary: dict[str, Any]) -> None:
+        done[int(summary["index"])] = summary
+        on_shard(summary)
+
+    relay: threading.Thread | None = None
     try:
-        for r, (slot, share) in enumerate(zip(slots, shares)):
+        for r, slot in enumerate(slots):
             job = job_dir / f"worker-{r}.json"
             job.write_text(json.dumps({"stage": stage, "config": config, "fingerprint": fingerprint,
-                                       "shards": share, "label": slot.label}))
+                                       "shards": shards, "claims": str(claims), "label": slot.label}))
             proc = subprocess.Popen([sys.executable, "-m", "tasks.common.shard_workers", str(job)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     env=worker_env(slot), cwd=str(REPO_ROOT), start_new_session=True)
-            log.info("%s: worker %d on %s: %d shard(s), pid %d", stage, r, slot.label, len(share), proc.pid)
+            log.info("%s: worker %d on %s, pid %d", stage, r, slot.label, proc.pid)
             procs.append((slot, proc, deque(maxlen=30)))
-        _relay(stage, procs, log, lambda s: (done.__setitem__(int(s["index"]), s), on_shard(s)))
+        relay = threading.Thread(target=_relay, args=(stage, procs, log, finished), name=f"{stage}-relay",
+                                 daemon=True)
+        relay.start()
+        if local is not None:
+            run_claimed(shards, claims, local, finished)  # type: ignore[arg-type]
+        relay.join()
     except BaseException:
         for _, proc, _ in procs:  # cancelled, or the parent is going down: no orphans
             _stop_group(proc)
         raise
     finally:
-        for f in job_dir.glob("*"):
-            f.unlink(missing_ok=True)
-        job_dir.rmdir()
+        shutil.rmtree(job_dir, ignore_errors=True)
     failed = [(slot, proc.returncode, tail) for slot, proc, tail in procs if proc.returncode != 0]
     if failed:
         slot, rc, tail = failed[0]
@@ -143,10 +184,17 @@ def run_in_workers(stage: str, config: dict[str, Any], fingerprint: str, shards:
         if rc == EXIT_USER_ERROR and user:
             raise StageError(f"{stage} worker on {slot.label}: {user.split(': ', 1)[1]}")
         raise StageError(f"{stage} worker on {slot.label} exited with code {rc}; last output:\n" + "\n".join(tail))
-    missing = [int(s["index"]) for s in shards if int(s["index"]) not in done]
-    if missing:
-        raise StageError(f"{stage}: workers exited without reporting shard(s) {missing[:10]}; rerun the stage")
-    return [done[int(s["index"])] for s in shards]
+    if not shared:
+        missing = [s for s in shards if int(s["index"]) not in done]
+        if missing and local is not None:
+            log.warning("%s: %d shard(s) claimed but not reported by a worker; running them here", stage,
+                        len(missing))
+            for shard in missing:
+                finished(local(shard))
+        elif missing:
+            raise StageError(f"{stage}: workers exited without reporting shard(s) "
+                             f"{[int(s['index']) for s in missing][:10]}; rerun the stage")
+    return [done[int(s["index"])] for s in shards if int(s["index"]) in done]
 
 
 def _relay(stage: str, procs: list[tuple[WorkerSlot, subprocess.Popen, deque[str]]], log: logging.Logger,
@@ -198,9 +246,8 @@ def worker_main(job_file: str) -> int:
         prepared = reopen_stage(spec, cfg, ArtifactStore.for_config(cfg), job["fingerprint"], log=log)
         log.info("%s: worker ready in %.1f s (imports %.1f s, stage reopened %.1f s)", stage,
                  time.monotonic() - started, imported - started, time.monotonic() - imported)
-        for shard in job["shards"]:
-            summary = spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
-            print(EVENT_PREFIX + json.dumps(summary), flush=True)
+        run_claimed(job["shards"], Path(job["claims"]), lambda shard: spec.run_shard(prepared.ctx, shard),  # type: ignore[misc]
+                    lambda summary: print(EVENT_PREFIX + json.dumps(summary), flush=True))
     except (StageError, ConfigError, ContractError) as exc:
         print(f"{type(exc).__name__}: {exc}", flush=True)
         return EXIT_USER_ERROR

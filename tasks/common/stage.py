@@ -255,8 +255,10 @@ def run_stage(
             done.append(1)
             progress(len(done) / len(shards), f"shard {len(done)}/{len(shards)} ({len(slots)} workers)")
 
-        results = run_in_workers(spec.name, cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards, slots,
-                                 log=prepared.ctx.log, on_shard=on_shard)
+        # This process takes part on the first slot's device (its model loads at once); workers take the rest.
+        results = run_in_workers(spec.name, cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards,
+                                 slots[1:], log=prepared.ctx.log, on_shard=on_shard,
+                                 local=lambda shard: spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]
         return finish_stage(prepared, results)
     results = []
     for i, shard in enumerate(shards):
