@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install clean-demo
 
@@ -16,11 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The tests also run the Ray task runner on a local Ray cluster; the demo does not need Ray.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dask,ray]'
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/fm run -c demo
 	@echo "Inspect a stage: $(BIN)/fm inspect train    Sample: $(BIN)/fm sample current \"1girl, solo, masterpiece\" --width 256 --height 256"
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
 
 clean-demo:

@@ -189,7 +189,8 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     configure_backends(device, v.attention)
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, gradient_checkpointing=v.gradient_checkpointing, channels_last=v.channels_last,
-                 compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning)
+                 compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning,
+                 ddp_whole_graph=accelerator.num_processes > 1 and v.accum > 1)
     te.eval().requires_grad_(False)
     if v.te_bf16 and not args.tiny:
         te.to(torch.bfloat16)
@@ -517,12 +518,15 @@ def ddp_worker(args) -> None:
 
 
 def ddp_bench(args) -> list[dict]:
+    from tasks.train.launch import cpu_threads_per_process
+
     out = []
     pypath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": pypath, "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"}
-    for n in (1, 2):
+    for n in (int(x) for x in args.ddp_sizes.split(",")):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(29600 + n)]
+               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(29600 + n),
+               "--num_cpu_threads_per_process", str(cpu_threads_per_process(n))]  # as the stage launches
         if n > 1:
             cmd.insert(3, "--multi_gpu")
         cmd += [str(Path(__file__).resolve()), "--ddp-worker", "--ddp-variant", args.ddp_variant,
@@ -537,10 +541,11 @@ def ddp_bench(args) -> list[dict]:
             continue
         res = json.loads(line[len(RESULT_PREFIX):])
         res["variant"] = f"{args.ddp_variant} x{n} GPU"
+        print(RESULT_PREFIX + json.dumps(res), flush=True)  # kept if a later size runs out of time
         out.append(res)
-    if len(out) == 2 and "error" not in out[0] and "error" not in out[1]:
-        eff = out[1]["samples_per_s"] / (2 * out[0]["samples_per_s"])
-        out[1]["scaling_efficiency"] = eff
+    by_world = {r["world_size"]: r for r in out if "error" not in r}
+    if 1 in by_world and 2 in by_world:
+        by_world[2]["scaling_efficiency"] = by_world[2]["samples_per_s"] / (2 * by_world[1]["samples_per_s"])
     return out
 
 
@@ -563,6 +568,7 @@ def main() -> None:
     ap.add_argument("--reader-dir", default="/tmp/bench-train-cache")
     ap.add_argument("--ddp", action="store_true", help="also measure 1 vs 2 GPU DDP (accelerate launch)")
     ap.add_argument("--ddp-variant", default="ours")
+    ap.add_argument("--ddp-sizes", default="1,2", help="process counts to run, in order (efficiency needs 1,2)")
     ap.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="tiny UNet on CPU: a smoke test of every path")
     ap.add_argument("--loop", action="store_true", help="also run the whole training loop with the tiny model")

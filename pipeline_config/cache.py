@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline_config.base import Section
+from pipeline_config.base import Section, execution_field
 
 # Danbooru meta tags worth a prompt token; the rest (commentary, translation requests, ids...) are dropped.
 DEFAULT_META_TAGS = [
@@ -29,7 +29,9 @@ class CacheConfig(Section):
     # Buckets with fewer images run eagerly: on an H100 a shape compiles in ~13 s and the compiled encoder
     # saves ~2.5 ms an image (285 vs 167 img/s at 512²), so ~5,000 images repay it.
     compile_min_images: int = Field(5000, ge=0)
-    gpus: int = Field(1, ge=0)  # worker processes, one per GPU; 0 = every visible GPU
+    # Devices that take part (this process + one spawned process per further GPU); 0 = every visible GPU.
+    # Which device writes a chunk does not change it, so this is left out of the fingerprint.
+    gpus: int = execution_field(1, ge=0)
     chunk_target_mb: float = Field(256.0, gt=0)  # Parquet chunk size target
     row_group_mb: float = Field(8.0, gt=0)  # row-group size target (the reader's unit of I/O)
     rating_source: Literal["danbooru", "tagger"] = "danbooru"

@@ -5,8 +5,8 @@ encoder. On CUDA the threads only read JPEG bytes; nvJPEG decodes them in one ba
 resize/crop runs on the device, on a side stream, while the previous batch encodes on the main one.
 Each batch's latents are copied into pinned memory right behind its encoder, and the host waits for
 batch k only after batch k+1 is queued, so the GPU never idles on the host. Finished chunks are
-assembled, written and journalled by a writer thread. Several GPUs: one process per GPU, chunks dealt
-out largest first, each process with its own journal file (`run_sharded`).
+assembled, written and journalled by a writer thread. Several GPUs: this process on the first, one spawned
+process on each other, chunks claimed one by one, largest first, each with its own journal (`run_sharded`).
 Measured on one H100 (bench/bench_cache.py): 256 img/s end to end at 512² buckets, 90 % of the
 compiled encoder alone (285 img/s), 2.0x the kohya-style reference.
 """
@@ -151,8 +151,11 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
                  backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
                  journal: Path, threads: int, on_chunk: ChunkDone | None = None,
                  encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
-                 compile_min_images: int = 0) -> LoopStats:
+                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None) -> LoopStats:
     """Encode and write every planned chunk (in order); each chunk journalled once written.
+
+    `claim(i)`: several processes share `plans`; plan i is taken only if claim(i) says it is this one's,
+    asked when the reading threads reach it (a batch or so ahead), so the faster device takes more chunks.
 
     With `compile`, a bucket with fewer than `compile_min_images` images (in these plans) runs eagerly:
     compiling one more shape costs more than it saves on a few images.
@@ -165,14 +168,19 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
         return stats
     cols = samples.select([n for n in samples.column_names if not n.startswith(("tags_", "tokens_"))]).to_pydict()
     encoder = encoder or LatentEncoder(vae, device, batch_size, compile=compile)
-    jobs: list[tuple[int, np.ndarray]] = []
     pending: dict[int, _Pending] = {}
-    for p_idx, plan in enumerate(plans):
-        rows = np.arange(plan.start, plan.stop)
-        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        pending[p_idx] = _Pending(plan, len(batches))
-        jobs.extend((p_idx, b) for b in batches)
-    per_bucket: dict[tuple[int, int], int] = {}
+
+    def plan_jobs():
+        for p_idx, plan in enumerate(plans):
+            if claim is not None and not claim(p_idx):
+                continue
+            rows = np.arange(plan.start, plan.stop)
+            batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+            pending[p_idx] = _Pending(plan, len(batches))
+            yield from ((p_idx, b) for b in batches)
+
+    jobs = plan_jobs()
+    per_bucket: dict[tuple[int, int], int] = {}  # over every plan: compile choices do not depend on claims
     for plan in plans:
         per_bucket[plan.bucket] = per_bucket.get(plan.bucket, 0) + plan.stop - plan.start
     lanes = _Lanes(device)
@@ -231,13 +239,18 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
     with ThreadPoolExecutor(threads, thread_name_prefix="cache-decode") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="cache-write") as writer:
         futures: deque[tuple[int, Future]] = deque()
-        next_job = 0
+        jobs_left = True
         in_flight = None  # (p_idx, rows, host latents, copy-done event) of the batch still on its way back
-        while next_job < len(jobs) or futures:
-            while next_job < len(jobs) and len(futures) < lookahead:
-                p_idx, rows = jobs[next_job]
+        while jobs_left or futures:
+            while jobs_left and len(futures) < lookahead:
+                job = next(jobs, None)
+                if job is None:
+                    jobs_left = False
+                    break
+                p_idx, rows = job
                 futures.append((p_idx, pool.submit(load, cols, rows)))
-                next_job += 1
+            if not futures:
+                break
             p_idx, fut = futures.popleft()
             t0 = time.monotonic()
             ok, payload, rejects = fut.result()
@@ -269,7 +282,8 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
 @dataclass
 class WorkerJob:
     samples_path: str
-    plans: list[list[ChunkPlan]]  # one list per rank
+    plans: list[ChunkPlan]  # every plan, largest first; participants claim them one by one
+    claims: str  # folder of claim files (tasks.common.shard_workers.claim)
     model: str
     cache_dir: str
     backend: Backend
@@ -278,7 +292,7 @@ class WorkerJob:
     store_std: bool
     work: str
     threads: int
-    device: str = "cuda"  # "cuda": worker r uses GPU r; "cpu": every worker on the CPU
+    device: str = "cuda"  # "cuda": participant r uses GPU r; "cpu": every participant on the CPU
     compile_min_images: int = 0
 
 
@@ -290,46 +304,73 @@ def load_vae(model: str, cache_dir: Path):
     return load_sd15(source, components=("vae",), dtype=torch.float32, device="cpu", cache_dir=cache_dir).vae
 
 
-def _worker(rank: int, job: WorkerJob, result_dir: str) -> None:
+def _participant_device(rank: int, job: WorkerJob) -> torch.device:
     if job.device == "cuda":
         torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:  # CPU processes: only for tests of the sharding itself
+        return torch.device("cuda", rank)
+    return torch.device("cpu")  # CPU participants: only for tests of the sharing itself
+
+
+def _run_participant(rank: int, job: WorkerJob, samples: pa.Table, vae: torch.nn.Module,
+                     on_chunk: ChunkDone | None = None) -> LoopStats:
+    from tasks.common.shard_workers import claim
+
+    claims = Path(job.claims)
+    return cache_chunks(samples, job.plans, vae, device=_participant_device(rank, job), backend=job.backend,
+                        batch_size=job.batch_size, compile=job.compile, store_std=job.store_std,
+                        work=Path(job.work), journal=Path(job.work) / f"_journal-{rank}.jsonl",
+                        threads=job.threads, on_chunk=on_chunk, compile_min_images=job.compile_min_images,
+                        claim=lambda i: claim(claims, i))
+
+
+def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
+    """A spawned participant: rank index + 1 (the calling process is rank 0)."""
+    rank = index + 1
+    if job.device == "cpu":
         torch.set_num_threads(1)
-        device = torch.device("cpu")
     samples = pq.read_table(job.samples_path)
-    vae = load_vae(job.model, Path(job.cache_dir))
-    stats = cache_chunks(samples, job.plans[rank], vae, device=device, backend=job.backend,
-                         batch_size=job.batch_size, compile=job.compile, store_std=job.store_std,
-                         work=Path(job.work), journal=Path(job.work) / f"_journal-{rank}.jsonl",
-                         threads=job.threads, compile_min_images=job.compile_min_images)
+    stats = _run_participant(rank, job, samples, load_vae(job.model, Path(job.cache_dir)))
     Path(result_dir, f"stats-{rank}.json").write_text(json.dumps(stats.__dict__))
 
 
 def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: Path, model: str, cache_dir: Path,
                 backend: Backend, batch_size: int, compile: bool, store_std: bool, threads: int,
-                device: str = "cuda", compile_min_images: int = 0) -> LoopStats:
-    """One process per GPU, plans dealt round-robin (largest first, so loads balance); each process
-    journals to its own file, so a kill of any of them resumes like the single-process loop."""
+                device: str = "cuda", compile_min_images: int = 0, vae: torch.nn.Module | None = None,
+                on_chunk: ChunkDone | None = None) -> LoopStats:
+    """Every device takes part: this process on the first (it has its VAE already, so it starts at once),
+    one spawned process on each other. Plans are ordered largest first and each participant claims the
+    next free one as its reading reaches it, so a device that starts late (a spawned process imports
+    torch and loads its VAE first) or runs slower simply takes fewer chunks. Each participant journals
+    to its own file, so a kill of any of them resumes like the single-process loop."""
+    import shutil
+
     import torch.multiprocessing as mp
 
     samples_path = work / "_samples.parquet"
     pq.write_table(samples, samples_path)
-    order = sorted(range(len(plans)), key=lambda i: -(plans[i].stop - plans[i].start))
-    shards: list[list[ChunkPlan]] = [[] for _ in range(gpus)]
-    for n, i in enumerate(order):
-        shards[n % gpus].append(plans[i])
+    claims = work / "_claims"
+    shutil.rmtree(claims, ignore_errors=True)  # a killed run's claims: the journals say what is done
+    claims.mkdir()
     result_dir = work / "_stats"
     result_dir.mkdir(exist_ok=True)
-    job = WorkerJob(str(samples_path), shards, model, str(cache_dir), backend, batch_size, compile, store_std,
-                    str(work), max(1, threads // gpus), device, compile_min_images)
-    mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus, join=True, start_method="spawn")
-    total = LoopStats()
-    for rank in range(gpus):
-        part = LoopStats(**json.loads((result_dir / f"stats-{rank}.json").read_text()))
-        total.merge(part)
-    for f in result_dir.glob("*"):
-        f.unlink()
-    result_dir.rmdir()
+    order = sorted(plans, key=lambda p: -(p.stop - p.start))
+    job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), backend, batch_size, compile,
+                    store_std, str(work), max(1, threads // gpus), device, compile_min_images)
+    workers = mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus - 1, join=False,
+                                 start_method="spawn")
+    try:
+        total = _run_participant(0, job, samples, vae if vae is not None else load_vae(model, cache_dir),
+                                 on_chunk)
+        while not workers.join():
+            pass
+    except BaseException:
+        for proc in workers.processes:  # this process failed or was cancelled: no orphans
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    for rank in range(1, gpus):
+        total.merge(LoopStats(**json.loads((result_dir / f"stats-{rank}.json").read_text())))
+    shutil.rmtree(result_dir, ignore_errors=True)
+    shutil.rmtree(claims, ignore_errors=True)
     samples_path.unlink(missing_ok=True)
     return total

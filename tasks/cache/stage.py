@@ -133,13 +133,13 @@ def build(ctx: StageContext) -> StageResult:
         ctx.progress(progress["rows"] / total_rows, f"cached {plan.path} ({entry['rows']} rows)")
 
     loop = LoopStats()
+    vae = load_vae(cfg.model, cache_dir) if todo else None
     if todo and gpus > 1:
         loop = run_sharded(samples, todo, gpus=gpus, work=ctx.work, model=cfg.model, cache_dir=cache_dir,
                            backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
                            store_std=cfg.store_std, threads=runtime.max_workers,
-                           compile_min_images=cfg.compile_min_images)
+                           compile_min_images=cfg.compile_min_images, vae=vae, on_chunk=on_chunk)
     elif todo:
-        vae = load_vae(cfg.model, cache_dir)
         loop = cache_chunks(samples, todo, vae, device=device, backend=backend, batch_size=cfg.batch_size,
                             compile=cfg.compile, store_std=cfg.store_std, work=ctx.work,
                             journal=ctx.work / "_journal-0.jsonl", threads=max(1, runtime.max_workers),

@@ -182,7 +182,8 @@ class _Run:
 
         unet = comps.unet.to(self.device)
         prepare_unet(unet, gradient_checkpointing=cfg.gradient_checkpointing, channels_last=cfg.channels_last,
-                     compile=cfg.compile, compile_mode=self.compile_mode)
+                     compile=cfg.compile, compile_mode=self.compile_mode,
+                     ddp_whole_graph=acc.num_processes > 1 and cfg.grad_accum > 1)
         te = comps.text_encoder.to(self.device)
         te.requires_grad_(cfg.train_text_encoder)
         if cfg.train_text_encoder:

@@ -1,6 +1,7 @@
 """The cache stage end to end with the tiny SD1.5 (builtin:tiny-sd15): real images, real VAE, real Parquet."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -211,9 +212,11 @@ def test_kill_during_caching_then_rerun_is_exactly_once(tmp_path, model_cache):
     assert not work.exists() and not list(Path(store.output_path("cache", m.fingerprint)).rglob("*.tmp"))
 
 
-@pytest.mark.slow  # two spawned processes each import torch + diffusers: ~30 s on 2 busy cores
-def test_sharded_workers_write_every_chunk_once(tmp_path, model_cache):
-    """The one-process-per-GPU path, run as two CPU processes: chunks dealt out, one journal each."""
+@pytest.mark.slow  # a spawned process imports torch + diffusers: ~20 s on 2 busy cores
+def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache):
+    """The several-GPU path as CPU participants: this process (rank 0) and one spawned process claim chunks
+    one by one. This process holds its first finished chunk until the spawned one has journalled one, so
+    both provably take part; every chunk is written once, leftovers of a killed run's claims are ignored."""
     from tasks.cache.captions import TagTokenizer
     from tasks.cache.chunks import is_done, plan_chunks, read_journal
     from tasks.cache.inputs import load_samples
@@ -228,20 +231,42 @@ def test_sharded_workers_write_every_chunk_once(tmp_path, model_cache):
     plans = plan_chunks(samples.column("id").to_numpy(), samples.column("bucket_w").to_numpy(),
                         samples.column("bucket_h").to_numpy(), channels=4, downscale=8, store_std=True,
                         chunk_bytes=4000, row_group_bytes=2000)
+    assert len(plans) >= 4
     work = tmp_path / "work"
-    work.mkdir()
+    (work / "_claims").mkdir(parents=True)
+    (work / "_claims" / "shard-00000").touch()  # a killed run's claim: must not keep the chunk from anyone
+
+    def wait_for_the_other(plan, entry) -> None:
+        deadline = time.monotonic() + 120
+        journal = work / "_journal-1.jsonl"
+        while not (journal.exists() and journal.read_text().strip()):
+            assert time.monotonic() < deadline, "the spawned participant never journalled a chunk"
+            time.sleep(0.1)
+
     stats = run_sharded(samples, plans, gpus=2, work=work, model="builtin:tiny-sd15", cache_dir=model_cache,
-                        backend="pil", batch_size=4, compile=False, store_std=True, threads=2, device="cpu")
+                        backend="pil", batch_size=2, compile=False, store_std=True, threads=2, device="cpu",
+                        on_chunk=wait_for_the_other)
     done = read_journal(work)
     assert all(is_done(p, done) for p in plans)
-    assert {p.name for p in work.glob("_journal-*.jsonl")} == {"_journal-0.jsonl", "_journal-1.jsonl"}
+    mine = [json.loads(l)["path"] for l in (work / "_journal-0.jsonl").read_text().splitlines()]
+    theirs = [json.loads(l)["path"] for l in (work / "_journal-1.jsonl").read_text().splitlines()]
+    assert mine and theirs and not set(mine) & set(theirs)  # both took part, no chunk twice
+    assert sorted(mine + theirs) == sorted(p.path for p in plans)
     ids = [i for p in plans if done[p.path]["rows"]
            for i in pq.read_table(work / p.path, columns=["id"]).column("id").to_pylist()]
     rejected = [r["id"] for p in plans for r in done[p.path]["rejects"]]
     assert sorted(ids) == sorted(up.good) and len(ids) == len(set(ids))
     assert sorted(rejected) == sorted(i for i, why in up.rejects.items() if why != "missing_upstream")
     assert stats.images == len(ids) and stats.chunks == len(plans)
-    assert not (work / "_samples.parquet").exists()
+    assert not (work / "_samples.parquet").exists() and not (work / "_claims").exists()
+
+
+def test_cache_gpus_is_left_out_of_the_fingerprint(tmp_path):
+    from pipeline_config.load import load_config, section_dict
+
+    one = load_config("demo", [f"data_root={tmp_path}"])
+    every = load_config("demo", [f"data_root={tmp_path}", "cache.gpus=0"])
+    assert every.cache.gpus == 0 and section_dict(one, "cache") == section_dict(every, "cache")
 
 
 def test_demo_cache_reports_decoded_latents_that_match_their_sources(tmp_path):

@@ -124,3 +124,32 @@ def test_tag_shards_on_ray_give_the_same_bytes(tmp_path, prefect_api):
     fp, on_ray = _tags_bytes(store)
     out = run_stage(tag_stage.SPEC, cfg, store, force=True)
     assert out.manifest.fingerprint == fp and _tags_bytes(store)[1] == on_ray
+
+
+def test_ray_gives_each_gpu_shard_task_one_gpu_and_cpu_stages_none(prefect_api):
+    """Ray schedules by declared resources: a local cluster declaring 2 GPUs (none needed to schedule) runs
+    a cuda tag stage's shard tasks one GPU each, pinned by Ray through CUDA_VISIBLE_DEVICES."""
+    pytest.importorskip("prefect_ray", reason="the Ray runner needs prefect-ray: pip install 'booruflow[ray]'")
+    from prefect import flow, task
+    from prefect_ray import RayTaskRunner
+
+    from flows.fm import _ray_gpu_options
+
+    @task
+    def placement() -> tuple[list, str | None]:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @flow(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "num_gpus": 2}))
+    def probe(stage: str, device: str) -> list:
+        cfg = load_config("demo", ["runtime.task_runner=ray", f"tag.device={device}"])
+        with _ray_gpu_options(stage, cfg):
+            futures = [placement.submit() for _ in range(4)]
+        return [f.result() for f in futures]
+
+    on_gpus = probe("tag", "cuda")
+    assert all(len(ids) == 1 and ids[0] in {"0", "1"} and visible == ids[0] for ids, visible in on_gpus), on_gpus
+    assert {ids[0] for ids, _ in on_gpus} <= {"0", "1"}
+    assert all(ids == [] for ids, _ in probe("ingest", "cuda"))  # not a GPU stage
+    assert all(ids == [] for ids, _ in probe("tag", "cpu"))  # a GPU stage on the CPU

@@ -1,11 +1,13 @@
 """TrainConfig: recipe defaults, typed errors, and the launcher plan."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from data_contracts.errors import ConfigError, StageError
 from pipeline_config.load import load_config
-from tasks.train.launch import accelerate_command, plan_launch
+from tasks.train.launch import accelerate_command, cpu_threads_per_process, plan_launch
 
 
 def test_defaults_are_the_seed_recipe():
@@ -35,4 +37,16 @@ def test_launch_plan():
     cmd = accelerate_command("run.json", 2, port=29555)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
     assert cmd[-3:] == ["-m", "tasks.train.worker", "run.json"]
+    threads = cmd[cmd.index("--num_cpu_threads_per_process") + 1]
+    assert threads == str(cpu_threads_per_process(2))
+
+
+def test_cpu_threads_per_process_shares_the_cores_unless_the_user_set_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert [cpu_threads_per_process(n) for n in (1, 2, 8, 64)] == [32, 16, 4, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads_per_process(2) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert cpu_threads_per_process(4) == 8
     assert accelerate_command("run.json", 8, config_file="cluster.yaml")[3:5] == ["--config_file", "cluster.yaml"]

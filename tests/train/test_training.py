@@ -191,3 +191,17 @@ def test_cudagraph_bookkeeping_keeps_own_grad_buffers_with_the_same_update(model
     assert own_after is own_before and not own_after.any()  # same buffer, zeroed after the step
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=0, atol=0)
+
+
+def test_compile_under_ddp_with_accumulation_keeps_the_whole_graph(monkeypatch):
+    """DDP + accumulation: one graph (DDP's hooks all-reduce after backward, on one micro-step in N);
+    otherwise dynamo's DDPOptimizer splits the graph at the gradient buckets (its default)."""
+    import torch._dynamo
+
+    from tasks.train.engine import prepare_unet
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    prepare_unet(torch.nn.Linear(2, 2), compile=True, ddp_whole_graph=True)  # compiles lazily: nothing runs
+    assert torch._dynamo.config.optimize_ddp is False
+    prepare_unet(torch.nn.Linear(2, 2), compile=True)
+    assert torch._dynamo.config.optimize_ddp is True
