@@ -18,6 +18,12 @@ the encoder alone (eager and compiled) so the gap between end to end and the mod
 
     python bench/bench_cache.py                   # GPU: 1024 images, batch 32
     python bench/bench_cache.py --tiny --n 16     # CPU smoke test: tiny VAE, small images
+    python bench/bench_cache.py --gpus 2 --skip-reference --n 8192   # + every GPU vs one (run_sharded)
+
+--gpus N runs the several-device path (`tasks.cache.pipeline.run_sharded`, what `cache.gpus` selects) on
+one device and on N, same plans, each as the stage runs it: participants load the VAE (spawned ones
+from a single file holding the bench's random weights) and compile inside the timing, buckets
+under the stage's compile_min_images (5,000) eager. Prints img/s of both and the scaling efficiency.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_contracts.cache import SEGMENTS  # noqa: E402
 from tasks.cache.chunks import plan_chunks  # noqa: E402
 from tasks.cache.encode import LatentEncoder, encode_dtype  # noqa: E402
-from tasks.cache.pipeline import cache_chunks  # noqa: E402
+from tasks.cache.pipeline import cache_chunks, run_sharded  # noqa: E402
 from tasks.models.configs import SD15_CONFIG_DIR  # noqa: E402
 
 FLOP_PER_IMAGE = 1.12e12  # SD VAE encoder at 512x512 (REFERENCE.md); buckets keep the pixel count ~512²
@@ -148,13 +154,18 @@ def make_encoder(samples: pa.Table, vae, device: torch.device, batch: int,
     return encoder, time.perf_counter() - t0
 
 
-def run_ours(samples: pa.Table, encoder: LatentEncoder, device: torch.device, batch: int, out: Path,
-             threads: int, backend: str, cpu_jpeg: bool) -> dict:
+def fresh_plans(samples: pa.Table, out: Path) -> list:
+    """An empty output folder and the stage's chunk plans (256 MB chunks, 8 MB row groups)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    plans = plan_chunks(samples.column("id").to_numpy(), samples.column("bucket_w").to_numpy(),
-                        samples.column("bucket_h").to_numpy(), channels=4, downscale=8, store_std=True,
-                        chunk_bytes=256e6, row_group_bytes=8e6)
+    return plan_chunks(samples.column("id").to_numpy(), samples.column("bucket_w").to_numpy(),
+                       samples.column("bucket_h").to_numpy(), channels=4, downscale=8, store_std=True,
+                       chunk_bytes=256e6, row_group_bytes=8e6)
+
+
+def run_ours(samples: pa.Table, encoder: LatentEncoder, device: torch.device, batch: int, out: Path,
+             threads: int, backend: str, cpu_jpeg: bool) -> dict:
+    plans = fresh_plans(samples, out)
     t0 = time.perf_counter()
     stats = cache_chunks(samples, plans, encoder.vae, device=device, backend=backend, batch_size=batch,
                          compile=encoder.compiled, store_std=True, work=out, journal=out / "_journal-0.jsonl",
@@ -164,6 +175,28 @@ def run_ours(samples: pa.Table, encoder: LatentEncoder, device: torch.device, ba
     written = sum(f.stat().st_size for f in out.rglob("*.parquet"))
     return {"seconds": seconds, "images": stats.images, "bytes": written, "encode_wait_s": stats.encode_wait_s,
             "device_wait_s": stats.device_wait_s}
+
+
+def save_vae_file(vae, path: Path, tiny: bool) -> str:
+    """A single-file checkpoint holding just the bench's VAE (first_stage_model.*, fp32), so spawned
+    participants load the very same weights through the stage's own loader."""
+    from tasks.models.single_file import export_single_file
+
+    export_single_file(None, vae, None, path, dtype=torch.float32, embed_configs=tiny)
+    return str(path)
+
+
+def run_devices(samples: pa.Table, vae, device: torch.device, batch: int, out: Path, threads: int, backend: str,
+                gpus: int, compile: bool, model: str) -> dict:
+    """The stage's several-device path on `gpus` devices (1 = this process alone), end to end."""
+    plans = fresh_plans(samples, out)
+    t0 = time.perf_counter()
+    stats = run_sharded(samples, plans, gpus=gpus, work=out, model=model, cache_dir=out.parent / "model-cache",
+                        backend=backend, batch_size=batch, compile=compile, store_std=True,
+                        threads=threads * gpus, device=device.type, compile_min_images=5000, vae=vae)
+    seconds = time.perf_counter() - t0
+    per_rank = {f.name: len(f.read_text().splitlines()) for f in sorted(out.glob("_journal-*.jsonl"))}
+    return {"seconds": seconds, "images": stats.images, "chunks": per_rank}
 
 
 class _RefDataset(torch.utils.data.Dataset):
@@ -261,6 +294,7 @@ def main() -> None:
     ap.add_argument("--decode", choices=["auto", "pil", "torch"], default="auto")
     ap.add_argument("--alone-batch", type=int, action="append", default=[], help="also time the compiled encoder "
                     "alone at this batch size")
+    ap.add_argument("--gpus", type=int, default=0, help="also run the several-device path on 1 and on N devices")
     ap.add_argument("--try", dest="try_options", action="append", default=[], metavar="KEY=VALUE,...",
                     help="also time the encoder alone compiled with these inductor options, e.g. freezing=1")
     args = ap.parse_args()
@@ -325,6 +359,19 @@ def main() -> None:
             print(f"encoder alone at 512x512, batch {enc.batch_size}, {label} bf16: {r:.1f} img/s "
                   f"(MFU {100 * r * FLOP_PER_IMAGE / (args.peak_tflops * 1e12):.1f}%; {time.perf_counter() - t0:.0f}s "
                   "incl. compile)")
+    if args.gpus > 1:
+        model = save_vae_file(vae, root / "vae-only.safetensors", args.tiny)
+        backend = "torch" if device.type == "cuda" else "pil"
+        runs = {}
+        for n in (1, args.gpus):
+            r = run_devices(samples, vae, device, batch, root / "out-devices", args.threads, backend, n,
+                            compile, model)
+            runs[n] = r["images"] / r["seconds"]
+            print(f"run_sharded on {n} device(s): {runs[n]:7.1f} img/s ({r['images']} in {r['seconds']:.1f}s incl. "
+                  f"start-up and compile; chunks by participant {r['chunks']})")
+        print(f"  {args.gpus} devices vs 1: {runs[args.gpus] / runs[1]:.2f}x, scaling efficiency "
+              f"{100 * runs[args.gpus] / (args.gpus * runs[1]):.1f}%")
+        shutil.rmtree(root / "out-devices", ignore_errors=True)
     shutil.rmtree(root / "out-ref", ignore_errors=True)
     shutil.rmtree(root / "out-ours", ignore_errors=True)
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.cache.chunks import ChunkPlan, append_journal, chunk_table, journal_entry, write_chunk
+from tasks.cache.chunks import (ChunkPlan, append_journal, chunk_table, is_done, journal_entry, read_journal,
+                                write_chunk)
 from tasks.cache.encode import LatentEncoder
 from tasks.cache.images import (Geometry, ImageError, crop_tensor, decode_tensors, load_pil, prepare,
                                 uint8_to_pixels)
@@ -333,6 +334,33 @@ def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
     Path(result_dir, f"stats-{rank}.json").write_text(json.dumps(stats.__dict__))
 
 
+def _stop(workers) -> None:
+    for proc in workers.processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in workers.processes:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _journal_stats(journal: Path) -> LoopStats:
+    """What a participant stopped before reporting wrote, from its journal (a resumed run's journal
+    also holds the chunks of the run before: a report figure, never used to decide what is done)."""
+    stats = LoopStats()
+    for line in journal.read_text().splitlines() if journal.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        stats.chunks += 1
+        stats.images += int(entry["rows"])
+        stats.bytes += int(entry["bytes"])
+        stats.rejects += len(entry["rejects"])
+    return stats
+
+
 def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: Path, model: str, cache_dir: Path,
                 backend: Backend, batch_size: int, compile: bool, store_std: bool, threads: int,
                 device: str = "cuda", compile_min_images: int = 0, vae: torch.nn.Module | None = None,
@@ -361,15 +389,19 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
     try:
         total = _run_participant(0, job, samples, vae if vae is not None else load_vae(model, cache_dir),
                                  on_chunk)
-        while not workers.join():
-            pass
+        while not workers.join(timeout=0.5):
+            # Every chunk written: a participant still starting up has nothing left to claim, so it is
+            # stopped rather than waited for (it holds no claim; its stats come from its journal).
+            if all(is_done(p, read_journal(work)) for p in order):
+                _stop(workers)
+                break
     except BaseException:
-        for proc in workers.processes:  # this process failed or was cancelled: no orphans
-            if proc.is_alive():
-                proc.terminate()
+        _stop(workers)  # this process failed or was cancelled: no orphans
         raise
     for rank in range(1, gpus):
-        total.merge(LoopStats(**json.loads((result_dir / f"stats-{rank}.json").read_text())))
+        stats_file = result_dir / f"stats-{rank}.json"
+        total.merge(LoopStats(**json.loads(stats_file.read_text())) if stats_file.exists()
+                    else _journal_stats(work / f"_journal-{rank}.jsonl"))
     shutil.rmtree(result_dir, ignore_errors=True)
     shutil.rmtree(claims, ignore_errors=True)
     samples_path.unlink(missing_ok=True)

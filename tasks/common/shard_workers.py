@@ -85,12 +85,31 @@ def plan_slots(processes: int, device: str, n_shards: int) -> list[WorkerSlot]:
 
 
 def claim(claims: Path, index: int) -> bool:
-    """Take shard `index` for this process; False when another participant has it (atomic O_EXCL create)."""
+    """Take shard `index` for this process; False when another participant has it (atomic O_EXCL create).
+    The file then holds the taker's pid, so a participant holding no shard can be told apart."""
     try:
-        os.close(os.open(claims / f"shard-{index:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
+        fd = os.open(claims / f"shard-{index:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def claim_owners(claims: Path, indices: list[int]) -> set[int] | None:
+    """The pids holding these shards; None while any is still free (or its taker not yet written)."""
+    owners = set()
+    for index in indices:
+        try:
+            text = (claims / f"shard-{index:05d}").read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit():
+            return None
+        owners.add(int(text))
+    return owners
 
 
 ShardFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -155,6 +174,7 @@ def run_in_workers(stage: str, config: dict[str, Any], fingerprint: str, shards:
         on_shard(summary)
 
     relay: threading.Thread | None = None
+    stopped: set[int] = set()
     try:
         for r, slot in enumerate(slots):
             job = job_dir / f"worker-{r}.json"
@@ -170,14 +190,27 @@ def run_in_workers(stage: str, config: dict[str, Any], fingerprint: str, shards:
         relay.start()
         if local is not None:
             run_claimed(shards, claims, local, finished)  # type: ignore[arg-type]
-        relay.join()
+        indices = [int(s["index"]) for s in shards]
+        while relay.is_alive():
+            relay.join(0.5)
+            owners = claim_owners(claims, indices)  # type: ignore[arg-type]
+            if owners is None:
+                continue
+            for slot, proc, _ in procs:
+                # Every shard has a taker and it is not this worker (still starting up): nothing is left
+                # for it, so it is stopped instead of waited for.
+                if proc.poll() is None and proc.pid not in owners and proc.pid not in stopped:
+                    log.info("%s: worker on %s has no shard left to take; stopped", stage, slot.label)
+                    stopped.add(proc.pid)
+                    _stop_group(proc)
     except BaseException:
         for _, proc, _ in procs:  # cancelled, or the parent is going down: no orphans
             _stop_group(proc)
         raise
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
-    failed = [(slot, proc.returncode, tail) for slot, proc, tail in procs if proc.returncode != 0]
+    failed = [(slot, proc.returncode, tail) for slot, proc, tail in procs
+              if proc.returncode != 0 and proc.pid not in stopped]
     if failed:
         slot, rc, tail = failed[0]
         user = next((l for l in reversed(tail) if l.startswith(USER_ERRORS)), None)

@@ -212,15 +212,11 @@ def test_kill_during_caching_then_rerun_is_exactly_once(tmp_path, model_cache):
     assert not work.exists() and not list(Path(store.output_path("cache", m.fingerprint)).rglob("*.tmp"))
 
 
-@pytest.mark.slow  # a spawned process imports torch + diffusers: ~20 s on 2 busy cores
-def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache):
-    """The several-GPU path as CPU participants: this process (rank 0) and one spawned process claim chunks
-    one by one. This process holds its first finished chunk until the spawned one has journalled one, so
-    both provably take part; every chunk is written once, leftovers of a killed run's claims are ignored."""
+def _small_plans(tmp_path, model_cache):
+    """8 upstream samples in >= 4 small chunks (the several-device path needs several)."""
     from tasks.cache.captions import TagTokenizer
-    from tasks.cache.chunks import is_done, plan_chunks, read_journal
+    from tasks.cache.chunks import plan_chunks
     from tasks.cache.inputs import load_samples
-    from tasks.cache.pipeline import run_sharded
     from tasks.common.stage import upstream_manifests
 
     store = ArtifactStore(str(tmp_path / "root"))
@@ -232,6 +228,18 @@ def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache)
                         samples.column("bucket_h").to_numpy(), channels=4, downscale=8, store_std=True,
                         chunk_bytes=4000, row_group_bytes=2000)
     assert len(plans) >= 4
+    return up, samples, plans
+
+
+@pytest.mark.slow  # a spawned process imports torch + diffusers: ~20 s on 2 busy cores
+def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache):
+    """The several-GPU path as CPU participants: this process (rank 0) and one spawned process claim chunks
+    one by one. This process holds its first finished chunk until the spawned one has journalled one, so
+    both provably take part; every chunk is written once, leftovers of a killed run's claims are ignored."""
+    from tasks.cache.chunks import is_done, read_journal
+    from tasks.cache.pipeline import run_sharded
+
+    up, samples, plans = _small_plans(tmp_path, model_cache)
     work = tmp_path / "work"
     (work / "_claims").mkdir(parents=True)
     (work / "_claims" / "shard-00000").touch()  # a killed run's claim: must not keep the chunk from anyone
@@ -259,6 +267,40 @@ def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache)
     assert sorted(rejected) == sorted(i for i, why in up.rejects.items() if why != "missing_upstream")
     assert stats.images == len(ids) and stats.chunks == len(plans)
     assert not (work / "_samples.parquet").exists() and not (work / "_claims").exists()
+
+
+def test_a_participant_still_starting_when_every_chunk_is_written_is_stopped(tmp_path, model_cache, monkeypatch):
+    """This process writes every chunk while the spawned one is still starting (its interpreter start is
+    made 120 s slow by a sitecustomize): the run ends at once instead of waiting, and leaves no process."""
+    from tasks.cache import pipeline
+    from tasks.cache.chunks import is_done, read_journal
+
+    _, samples, plans = _small_plans(tmp_path, model_cache)
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")]))
+    import torch.multiprocessing as mp
+
+    started: list = []
+
+    def start_processes(*args, **kwargs):
+        ctx = mp_start(*args, **kwargs)
+        started.extend(ctx.processes)
+        return ctx
+
+    mp_start = mp.start_processes
+    monkeypatch.setattr(mp, "start_processes", start_processes)
+    work = tmp_path / "work"
+    work.mkdir()
+    t0 = time.monotonic()
+    stats = pipeline.run_sharded(samples, plans, gpus=2, work=work, model="builtin:tiny-sd15",
+                                 cache_dir=model_cache, backend="pil", batch_size=2, compile=False,
+                                 store_std=True, threads=2, device="cpu")
+    assert time.monotonic() - t0 < 60
+    assert started and not any(p.is_alive() for p in started)
+    assert all(is_done(p, read_journal(work)) for p in plans) and stats.chunks == len(plans)
+    assert [p.name for p in work.glob("_journal-*.jsonl")] == ["_journal-0.jsonl"]
 
 
 def test_cache_gpus_is_left_out_of_the_fingerprint(tmp_path):

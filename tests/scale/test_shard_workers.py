@@ -32,6 +32,10 @@ def _tags(store: ArtifactStore) -> tuple[str, bytes]:
 
 def test_claims_and_slot_planning(tmp_path, monkeypatch):
     assert claim(tmp_path, 3) and not claim(tmp_path, 3) and claim(tmp_path, 4)  # each shard goes to one taker
+    assert shard_workers.claim_owners(tmp_path, [3, 4]) == {os.getpid()}  # the taker is on file
+    assert shard_workers.claim_owners(tmp_path, [3, 4, 5]) is None  # shard 5 is still free
+    (tmp_path / "shard-00006").touch()  # created, taker not yet written: not known to be taken by anyone
+    assert shard_workers.claim_owners(tmp_path, [3, 6]) is None
     assert plan_slots(0, "cpu", 5) == [WorkerSlot("cpu")]
     assert plan_slots(3, "cpu", 2) == [WorkerSlot("cpu")] * 2  # never more workers than shards
     monkeypatch.setattr(shard_workers, "visible_gpu_ids", lambda: ["2", "5"])
@@ -141,3 +145,36 @@ def test_flow_runs_one_task_per_device_worker(tmp_path, prefect_api):
     names = _task_run_names(state.state_details.flow_run_id, expected=5)
     assert {"tag-cpu-0", "tag-cpu-1", "tag-merge"} <= set(names), names
     assert not any(n.startswith("tag-shard-") for n in names)
+
+
+def test_a_worker_still_starting_when_every_shard_is_taken_is_stopped(tmp_path, monkeypatch):
+    """This process takes every shard while the worker is still starting (its interpreter start made
+    120 s slow by a sitecustomize): the call returns at once, with no error and no process left."""
+    import subprocess
+    import time
+
+    cfg = _cfg(tmp_path, "tag.processes=2")
+    store = ArtifactStore.for_config(cfg)
+    run_stage(ingest_stage.SPEC, cfg, store)
+    prepared = prepare_stage(tag_stage.SPEC, cfg, store)
+    shards = plan_shards(prepared)
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")]))
+    popen = subprocess.Popen
+    started: list = []
+
+    def tracked(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(shard_workers.subprocess, "Popen", tracked)
+    t0 = time.monotonic()
+    results = run_in_workers("tag", cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards,
+                             [WorkerSlot("cpu")], log=logging.getLogger("test"),
+                             local=lambda shard: tag_stage.run_shard(prepared.ctx, shard))
+    assert time.monotonic() - t0 < 60
+    assert [r["index"] for r in results] == [s["index"] for s in shards]
+    assert all(r["worker"].endswith(f":{os.getpid()}") for r in results)
+    assert len(started) == 1 and started[0].poll() is not None  # stopped, not left behind
