@@ -143,6 +143,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_node(args: argparse.Namespace) -> int:
+    """One more machine of a multi-node training run: the same worker, this machine's accelerate config."""
+    from tasks.train.launch import launch_accelerate
+
+    run_file = Path(args.run_file)
+    if not run_file.is_file():
+        raise BooruflowError(f"{run_file} does not exist: give the run.json path the train stage logged "
+                             "(its work folder must be on storage every machine reads)")
+    launch_accelerate(run_file, 0, config_file=args.accelerate_config, on_line=print, on_event=lambda e: None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description="booruflow: Danbooru -> flow-matching SD1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     _common(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-node", help="join a multi-node training run from another machine")
+    p.add_argument("run_file", help="the run.json the train stage logged (on shared storage)")
+    p.add_argument("--accelerate-config", required=True,
+                   help="this machine's accelerate config (same cluster, its own machine_rank)")
+    p.set_defaults(func=cmd_train_node)
 
     p = sub.add_parser("files", help="serve a data root read-only over HTTP (for image artifacts)")
     p.add_argument("--root", required=True)

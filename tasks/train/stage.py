@@ -78,6 +78,9 @@ def build(ctx: StageContext) -> StageResult:
     if done.exists():  # trained and exported before a kill: only the bookkeeping below is left
         result = json.loads(done.read_text())
     else:
+        if cfg.accelerate_config:  # multi-node: the other machines join with the same run file
+            ctx.log.info("train: multi-node run: on every other machine run `fm train-node %s --accelerate-config "
+                         "<that machine's config>`", ctx.work / RUN_FILE)
         result = launch(spec, ctx.work / RUN_FILE, launcher=cfg.launcher, num_processes=cfg.num_processes,
                         accelerate_config=cfg.accelerate_config, port=cfg.main_process_port,
                         on_line=lambda line: ctx.log.info("%s", line), on_event=on_event)

@@ -50,3 +50,10 @@ def test_cpu_threads_per_process_shares_the_cores_unless_the_user_set_them(monke
     monkeypatch.setenv("OMP_NUM_THREADS", "")
     assert cpu_threads_per_process(4) == 8
     assert accelerate_command("run.json", 8, config_file="cluster.yaml")[3:5] == ["--config_file", "cluster.yaml"]
+
+
+def test_train_node_needs_the_run_file_the_stage_logged(tmp_path, capsys):
+    from flows.cli import main
+
+    rc = main(["train-node", str(tmp_path / "run.json"), "--accelerate-config", str(tmp_path / "m1.yaml")])
+    assert rc == 2 and "run.json does not exist" in capsys.readouterr().err
