@@ -179,7 +179,8 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from tasks.train.engine import Engine, configure_backends, make_optimizer, prepare_unet, warmup_constant
+    from tasks.train.engine import (Engine, configure_backends, ddp_whole_graph, make_optimizer, prepare_unet,
+                                    warmup_constant)
     from tasks.train.objective import Objective
 
     if accelerator is None:
@@ -190,7 +191,7 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, gradient_checkpointing=v.gradient_checkpointing, channels_last=v.channels_last,
                  compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning,
-                 ddp_whole_graph=accelerator.num_processes > 1 and v.accum > 1)
+                 ddp_whole_graph=ddp_whole_graph(accelerator.num_processes, v.accum))
     te.eval().requires_grad_(False)
     if v.te_bf16 and not args.tiny:
         te.to(torch.bfloat16)

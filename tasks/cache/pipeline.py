@@ -392,7 +392,8 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
         while not workers.join(timeout=0.5):
             # Every chunk written: a participant still starting up has nothing left to claim, so it is
             # stopped rather than waited for (it holds no claim; its stats come from its journal).
-            if all(is_done(p, read_journal(work)) for p in order):
+            done = read_journal(work)
+            if all(is_done(p, done) for p in order):
                 _stop(workers)
                 break
     except BaseException:

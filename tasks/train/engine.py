@@ -63,6 +63,11 @@ def configure_backends(device: torch.device, attention: str = "auto") -> None:
             fn(name in ("math", attention))
 
 
+def ddp_whole_graph(processes: int, grad_accum: int) -> bool:
+    """Compile the whole UNet under DDP (see prepare_unet) when gradients sync on one micro-step in N."""
+    return processes > 1 and grad_accum > 1
+
+
 def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False, channels_last: bool = False,
                  compile: bool = False, compile_mode: str | None = None, compile_tuning: bool = False,
                  ddp_whole_graph: bool = False) -> torch.nn.Module:

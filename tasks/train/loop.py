@@ -24,8 +24,8 @@ from data_contracts.store import ArtifactStore, atomic_write_text
 from pipeline_config.train import TrainConfig
 from tasks.train.batches import PromptOptions, StepBatch, prepare_batch
 from tasks.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from tasks.train.engine import (Ema, Engine, configure_backends, encode_prompts, freeze_skipped_layers,
-                                make_optimizer, prepare_unet, warmup_constant)
+from tasks.train.engine import (Ema, Engine, configure_backends, ddp_whole_graph, encode_prompts,
+                                freeze_skipped_layers, make_optimizer, prepare_unet, warmup_constant)
 from tasks.train.objective import Objective
 from tasks.train.stream import Prefetcher, epoch_stream
 
@@ -183,7 +183,7 @@ class _Run:
         unet = comps.unet.to(self.device)
         prepare_unet(unet, gradient_checkpointing=cfg.gradient_checkpointing, channels_last=cfg.channels_last,
                      compile=cfg.compile, compile_mode=self.compile_mode,
-                     ddp_whole_graph=acc.num_processes > 1 and cfg.grad_accum > 1)
+                     ddp_whole_graph=ddp_whole_graph(acc.num_processes, cfg.grad_accum))
         te = comps.text_encoder.to(self.device)
         te.requires_grad_(cfg.train_text_encoder)
         if cfg.train_text_encoder:

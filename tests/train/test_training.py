@@ -198,8 +198,9 @@ def test_compile_under_ddp_with_accumulation_keeps_the_whole_graph(monkeypatch):
     otherwise dynamo's DDPOptimizer splits the graph at the gradient buckets (its default)."""
     import torch._dynamo
 
-    from tasks.train.engine import prepare_unet
+    from tasks.train.engine import ddp_whole_graph, prepare_unet
 
+    assert ddp_whole_graph(2, 14) and not ddp_whole_graph(1, 14) and not ddp_whole_graph(2, 1)
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
     prepare_unet(torch.nn.Linear(2, 2), compile=True, ddp_whole_graph=True)  # compiles lazily: nothing runs
     assert torch._dynamo.config.optimize_ddp is False
