@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline_config.base import Section
+from pipeline_config.base import Section, execution_field
 
 EMBEDDED_URL = "embedded:minibooru"
 # Extensions the verifier can decode; anything else (zip, mp4, webm, swf, ...) is rejected as unsupported_ext.
@@ -147,6 +147,10 @@ class IngestConfig(Section):
     # since-removed lock/pool fields) are read as legacy; legacy/current force one reading.
     legacy_ratings: Literal["auto", "legacy", "current"] = "auto"
     embedded: EmbeddedConfig = EmbeddedConfig()
+    # Under runtime.task_runner dask/ray the crawl runs first, then the downloads are spread over the runner's
+    # workers in shards of this many posts (tasks/ingest/shards.py). Which worker fetched a file does not
+    # change the output, so this is left out of the fingerprint.
+    shard_posts: int = execution_field(2048, ge=1)
 
     @model_validator(mode="after")
     def _check_queries(self) -> "IngestConfig":

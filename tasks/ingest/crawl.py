@@ -121,7 +121,7 @@ async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, l
 
 
 async def _crawl_query(client: DanbooruClient, ledger: Ledger, qi: int, label: str, tags: str, quotas: list[int],
-                       post_filter: PostFilter, cfg: IngestConfig, queue: asyncio.Queue, log: logging.Logger) -> None:
+                       post_filter: PostFilter, cfg: IngestConfig, queue: asyncio.Queue | None, log: logging.Logger) -> None:
     state = ledger.queries[qi]
     limit = cfg.api.page_limit
     while not state.done:
@@ -149,8 +149,61 @@ async def _crawl_query(client: DanbooruClient, ledger: Ledger, qi: int, label: s
         log.info("ingest %r page %s: %d posts, %d taken, %d rejected, %d duplicates%s", label,
                  page_param or "1", len(raws), len(page.accepted), len(page.rejects), page.duplicates,
                  " (quota met)" if full else "")
-        for item in page.accepted:
-            await queue.put(item)
+        if queue is not None:  # None: the metadata pass of a sharded ingest (downloads come later)
+            for item in page.accepted:
+                await queue.put(item)
+
+
+async def crawl_metadata(cfg: IngestConfig, base_url: str, ledger: Ledger, *, login: str | None,
+                         api_key: str | None, log: logging.Logger) -> dict:
+    """Crawl every query's pages to the end without downloading (the first half of a sharded ingest).
+
+    A rerun resumes from the journalled cursors; a finished crawl costs no request.
+    """
+    plan = query_plan(cfg)
+    quotas = [quota for _, _, quota in plan]
+    post_filter = PostFilter(cfg.filters, need_file_url=True)
+    t_crawl = time.monotonic()
+    async with DanbooruClient(cfg.api, base_url, login, api_key) as client:
+        for qi, (label, tags, _) in enumerate(plan):
+            await _crawl_query(client, ledger, qi, label, tags, quotas, post_filter, cfg, None, log)
+        return {"http": dict(client.stats), "throttle_429_pauses": client.page_throttle.penalties,
+                "crawl_seconds": round(time.monotonic() - t_crawl, 2)}
+
+
+async def download_posts(cfg: IngestConfig, base_url: str, posts: list[Post], record: Callable[[dict], None],
+                         pool, *, login: str | None, api_key: str | None, log: logging.Logger,
+                         verify_mode: str | None = None) -> dict:
+    """Download and verify `posts` into the pool, `api.concurrency` at a time; record(outcome) for each."""
+    queue: asyncio.Queue[Post | None] = asyncio.Queue()
+    for post in posts:
+        queue.put_nowait(post)
+    for _ in range(cfg.api.concurrency):
+        queue.put_nowait(None)
+    mode = verify_mode or cfg.verify.mode
+    verifier = make_verifier(mode, verify_workers(cfg))
+    clean_incoming(pool)
+    started = time.monotonic()
+    try:
+        await verifier.start()
+        async with DanbooruClient(cfg.api, base_url, login, api_key) as client:
+            downloader = Downloader(client, pool, verifier, max_pixels=cfg.verify.max_pixels,
+                                    content_retries=cfg.api.content_retries)
+
+            async def worker() -> None:
+                while (post := await queue.get()) is not None:
+                    outcome = await downloader.download(post)
+                    record(outcome_json(post.id, post.md5, outcome))
+                    if not outcome.ok:
+                        log.debug("post %s rejected: %s %s", post.id, outcome.reason, redact(outcome.detail))
+
+            await asyncio.gather(*(worker() for _ in range(cfg.api.concurrency)))
+            return {"http": dict(client.stats),
+                    "downloads": {k: round(v, 3) if isinstance(v, float) else v for k, v in downloader.stats.items()},
+                    "verify": {"mode": mode, "workers": verify_workers(cfg), "crashes": verifier.crashes},
+                    "download_seconds": round(time.monotonic() - started, 2)}
+    finally:
+        await verifier.close()
 
 
 def _raw_id(raw: object) -> int | None:

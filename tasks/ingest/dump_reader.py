@@ -276,30 +276,54 @@ def import_file(opener: Callable[[], io.BufferedIOBase], post: Post, pool: Path,
         tmp.unlink(missing_ok=True)
 
 
+def import_posts(images: FolderImages | TarImages, posts: list[Post], pool: Path, max_pixels: int,
+                 executor: ThreadPoolExecutor, record: Callable[[dict[str, Any]], None], stats: dict[str, Any]) -> None:
+    """Verify and pool the dump files of `posts`; record(outcome) for each (missing files too)."""
+    futures = []
+    for post in posts:
+        opener = images.find(post)
+        if opener is None:
+            record(outcome_json(post.id, post.md5, Outcome(
+                False, "missing_image", f"no {post.md5}.{post.file_ext} / {post.id}.{post.file_ext} in the dump")))
+            continue
+        futures.append((post, executor.submit(import_file, opener, post, pool, max_pixels)))
+    for post, future in futures:
+        outcome = future.result()
+        stats["imported" if outcome.fetched_bytes else "cached"] += 1 if outcome.ok else 0
+        stats["bytes"] += outcome.fetched_bytes
+        record(outcome_json(post.id, post.md5, outcome))
+
+
+def import_dump_files(cfg: IngestConfig, posts: list[Post], pool: Path, record: Callable[[dict[str, Any]], None], *,
+                      workers: int) -> dict[str, Any]:
+    """The file half of a sharded dump import: verify and pool these posts' files (one download shard)."""
+    _, root = metadata_files(cfg.dump)
+    images = image_source(cfg.dump, root)
+    clean_incoming(pool)
+    stats: dict[str, Any] = {"imported": 0, "cached": 0, "bytes": 0}
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest-dump") as executor:
+        import_posts(images, posts, pool, cfg.verify.max_pixels, executor, record, stats)
+    return stats
+
+
 def import_dump(cfg: IngestConfig, ledger: Ledger, pool: Path, plan: list[tuple[str, str, int]], *,
-                progress: Callable[[float, str], None], log: logging.Logger, workers: int) -> dict[str, Any]:
+                progress: Callable[[float, str], None], log: logging.Logger, workers: int,
+                download: bool = True) -> dict[str, Any]:
+    """Read the dump's records into the ledger and (download=True) pool each taken post's file as its batch
+    is journalled. download=False is the metadata pass of a sharded ingest: the files come later, by shard."""
     files, root = metadata_files(cfg.dump)
     images = image_source(cfg.dump, root)
     quotas = [quota for _, _, quota in plan]
     matchers = compile_queries([tags for _, tags, _ in plan]) if cfg.queries else None
     post_filter = PostFilter(cfg.filters, need_file_url=False)
-    clean_incoming(pool)
+    if download:
+        clean_incoming(pool)
     stats = {"imported": 0, "cached": 0, "bytes": 0, "records": ledger.dump_offset}
 
     def finish(items: list[tuple[int, Post]], executor: ThreadPoolExecutor) -> None:
-        futures = []
-        for _, post in items:
-            opener = images.find(post)
-            if opener is None:
-                ledger.record_outcome(outcome_json(post.id, post.md5, Outcome(
-                    False, "missing_image", f"no {post.md5}.{post.file_ext} / {post.id}.{post.file_ext} in the dump")))
-                continue
-            futures.append((post, executor.submit(import_file, opener, post, pool, cfg.verify.max_pixels)))
-        for post, future in futures:
-            outcome = future.result()
-            stats["imported" if outcome.fetched_bytes else "cached"] += 1 if outcome.ok else 0
-            stats["bytes"] += outcome.fetched_bytes
-            ledger.record_outcome(outcome_json(post.id, post.md5, outcome))
+        if download:
+            import_posts(images, [post for _, post in items], pool, cfg.verify.max_pixels, executor,
+                         ledger.record_outcome, stats)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ingest-dump") as executor:
         finish(list(ledger.pending.values()), executor)
@@ -355,4 +379,4 @@ def _route(raw: Any, matchers, ledger: Ledger, quotas: list[int], legacy: str) -
     return None
 
 
-__all__ = ["import_dump", "iter_records", "metadata_files", "image_source"]
+__all__ = ["import_dump", "import_dump_files", "import_posts", "iter_records", "metadata_files", "image_source"]

@@ -5,12 +5,15 @@ Two journals in the stage's work folder (kept across kills):
                              queued for download: {"q", "page", "next", "done", "n", "dup", "acc": [[q, post]],
                              "rej": [[q, id, reason, detail]]}
     journal/downloads.jsonl  one record per finished post file: {"id", "md5", "ok", "path" | "reason"+"detail"}
+    journal/shard-<k>.downloads.jsonl  the same records, written by download shard k under a Dask/Ray runner
+                             (tasks/ingest/shards.py): one file per shard, so workers never share a file
 Replaying both gives back the dedupe sets, each query's cursor and quota count, and the accepted posts
 whose download had not finished — nothing else needs to survive a kill. Memory: ids, md5s and counters
 only (no post bodies except the few pending downloads).
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +46,28 @@ class Page:
     dup_by_q: Counter = field(default_factory=Counter)
 
 
+SHARD_DOWNLOADS = "shard-{:05d}.downloads.jsonl"
+
+
+def shard_download_journals(folder: Path) -> list[Path]:
+    """The download journals of the shards, in shard order."""
+    return sorted(folder.glob("shard-*.downloads.jsonl"))
+
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete records of a journal another process may still be appending to (read-only)."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                return  # a torn last line: the writer was killed mid-record
+            if line.strip():
+                yield json.loads(line)
+
+
 class Ledger:
-    def __init__(self, folder: Path, n_queries: int) -> None:
+    def __init__(self, folder: Path, n_queries: int, keep_pending: bool = True) -> None:
+        """keep_pending=False: no post bodies in memory (a sharded ingest reads them back from the journal)."""
+        self.keep_pending = keep_pending
         self.pages = Journal(folder / "pages.jsonl")
         self.downloads = Journal(folder / "downloads.jsonl")
         self.queries = [QueryState() for _ in range(max(n_queries, 1))]
@@ -58,7 +81,7 @@ class Ledger:
 
     # --- replay ----------------------------------------------------------------------------------------
     def _replay(self) -> None:
-        for rec in self.downloads.records():
+        for rec in self.download_records():
             self.outcome_ok[int(rec["id"])] = bool(rec["ok"])
         for rec in self.pages.records():
             self._apply(rec, replay=True)
@@ -87,7 +110,7 @@ class Ledger:
             self.seen_ids.add(post.id)
             if post.md5:
                 self.md5_owner.setdefault(post.md5, post.id)
-            if post.id not in self.outcome_ok:
+            if self.keep_pending and post.id not in self.outcome_ok:
                 self.pending[post.id] = (qi, post)
         for qi, post_id, reason, _detail in rec.get("rej", []):
             self.queries[qi].rejected[reason] += 1
@@ -167,7 +190,10 @@ class Ledger:
                 yield qi, int(post_id or 0), reason, detail
 
     def download_records(self) -> Iterator[dict[str, Any]]:
+        """Every download outcome: this process's journal, then each shard's (a later record of an id wins)."""
         yield from self.downloads.records()
+        for path in shard_download_journals(self.downloads.path.parent):
+            yield from read_journal(path)
 
     def close(self) -> None:
         self.pages.close()

@@ -12,7 +12,6 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from data_contracts.errors import ConfigError
 from data_contracts.ingest import POSTS_SCHEMA, REJECTS
@@ -22,24 +21,22 @@ from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import redact
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.ingest import shards
 from tasks.ingest.api import resolve_credentials
 from tasks.ingest.assemble import assemble
 from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
 from tasks.ingest.dump_reader import import_dump, metadata_files
 from tasks.ingest.embedded import api_endpoint
 from tasks.ingest.ledger import Ledger
-from tasks.ingest.visuals import make_character_sheets, make_rejects_sheet, make_series_sheets
+from tasks.ingest.shards import JOURNAL_DIR, check_queries, sharded, source_description
+from tasks.ingest.visuals import (
+    make_character_sheets,
+    make_rejects_sheet,
+    make_series_sheets,
+)
 
-JOURNAL_DIR = "journal"
 MAX_ITEMS = 24  # thumbnails per contact sheet
 MAX_GROUPS = 12  # sheets per kind: the largest characters / series
-
-
-def _public_url(url: str) -> str:
-    """scheme://host[:port] only: never user:password@ or query strings in manifests."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
 
 
 def build(ctx: StageContext) -> StageResult:
@@ -48,25 +45,14 @@ def build(ctx: StageContext) -> StageResult:
     pool = ctx.store.pool_dir()
     pool.mkdir(parents=True, exist_ok=True)
     plan = query_plan(cfg)
-    embedded = cfg.api.base_url == EMBEDDED_URL
-    if cfg.source == "danbooru_api" and not cfg.queries and not embedded:
-        raise ConfigError("ingest.queries is empty: list at least one {tags, quota} query to crawl "
-                          f"{cfg.api.base_url} (an empty list crawls everything, allowed only for the embedded "
-                          "mini-booru and dumps)")
+    check_queries(cfg)
+    source_desc = source_description(cfg)
+    # Under Dask/Ray the downloads ran as shards on the runner's workers: their journals are the input.
+    run_stats = shards.complete(ctx) if sharded(ctx.cfg) else None
     ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan))
     try:
-        if cfg.source == "danbooru_api":
-            login, api_key = (None, None) if embedded else resolve_credentials(cfg.api)
-            with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
-                source_desc = EMBEDDED_URL if embedded else _public_url(base_url)
-                ctx.log.info("ingest: crawling %s (%d queries, %s)", source_desc, len(plan),
-                             "authenticated" if login else "anonymous")
-                run_stats = run_async(crawl_api(cfg, base_url, ledger, pool, login=login, api_key=api_key,
-                                                progress=ctx.progress, log=ctx.log))
-        else:
-            source_desc = f"dump:{cfg.dump.posts_path}"
-            run_stats = {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
-                                             workers=verify_workers(cfg))}
+        if run_stats is None:
+            run_stats = _fetch_here(ctx, ledger, plan, source_desc)
         ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
         rss = {"after_crawl": _rss_mib()}
         t_assemble = time.monotonic()
@@ -94,6 +80,21 @@ def build(ctx: StageContext) -> StageResult:
                          "reject_reasons": reasons},
         report=StageReport(summary_md=summary + note, tables=tables, images=images),
     )
+
+
+def _fetch_here(ctx: StageContext, ledger: Ledger, plan: list[tuple[str, str, int]], source_desc: str) -> dict[str, Any]:
+    """Crawl (or read the dump) with the downloads pipelined in this process; returns the run's figures."""
+    cfg: IngestConfig = ctx.section
+    pool = ctx.store.pool_dir()
+    if cfg.source == "danbooru_dump":
+        return {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
+                                    workers=verify_workers(cfg))}
+    login, api_key = (None, None) if cfg.api.base_url == EMBEDDED_URL else resolve_credentials(cfg.api)
+    with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
+        ctx.log.info("ingest: crawling %s (%d queries, %s)", source_desc, len(plan),
+                     "authenticated" if login else "anonymous")
+        return run_async(crawl_api(cfg, base_url, ledger, pool, login=login, api_key=api_key,
+                                   progress=ctx.progress, log=ctx.log))
 
 
 def _rss_mib() -> float | None:
@@ -150,4 +151,4 @@ def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 SPEC = StageSpec(name="ingest", upstream=(), code_version="2", build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra)
+                 fingerprint_extra=fingerprint_extra, plan_shards=shards.plan_shards, run_shard=shards.run_shard)

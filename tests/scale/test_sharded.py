@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from data_contracts.ingest import IngestManifest
 from data_contracts.store import ArtifactStore
 from data_contracts.tag import TagManifest
 from pipeline_config.load import load_config
@@ -17,7 +18,7 @@ from tasks.tag import stage as tag_stage
 
 def _overrides(root, runner: str) -> list[str]:
     return [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}", "tag.shard_size=64",
-            f"runtime.task_runner={runner}", "runtime.max_workers=2"]
+            "ingest.shard_posts=128", f"runtime.task_runner={runner}", "runtime.max_workers=2"]
 
 
 def _task_run_names(flow_run_id, expected: int, timeout_s: float = 20.0) -> list[str]:
@@ -55,9 +56,14 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     workers = {s["worker"] for s in tag["shards"]}
     assert all(not w.endswith(f":{os.getpid()}") for w in workers), workers
     assert 1 <= len(workers) <= 2
-    names = _task_run_names(state.state_details.flow_run_id, expected=n_shards + 3)
+    # Ingest crawled here, then downloaded in shards of 128 posts on the Dask workers.
+    n_ingest = len(ingest["shards"])
+    assert n_ingest >= 2 and sum(s["posts"] for s in ingest["shards"]) >= n_posts
+    assert all(not s["worker"].endswith(f":{os.getpid()}") for s in ingest["shards"])
+    names = _task_run_names(state.state_details.flow_run_id, expected=n_shards + n_ingest + 4)
     assert [n for n in names if n.startswith("tag-shard-")] == sorted(f"tag-shard-{i}" for i in range(n_shards))
-    assert "tag-merge" in names
+    assert [n for n in names if n.startswith("ingest-shard-")] == sorted(f"ingest-shard-{i}" for i in range(n_ingest))
+    assert "tag-merge" in names and "ingest-merge" in names
 
     cfg = load_config("demo", _overrides(tmp_path, "thread"))
     store = ArtifactStore.for_config(cfg)
@@ -66,11 +72,19 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     assert manifest.row_counts["tags"] + manifest.row_counts["rejects"] == n_posts
     assert {"visuals/tag-added.png"} <= {f.path for f in manifest.files}  # report pictures committed
 
-    # Threads (same flow, rebuilt with force: the runner is not part of the fingerprint).
-    state = fm(config="demo", stages=["tag"], overrides=_overrides(tmp_path, "thread"), force=True,
+    ingest_manifest = store.read_manifest(IngestManifest)
+    ingest_tables = [store.path(ingest_manifest, name, verify=True).read_bytes()
+                     for name in ("posts.parquet", "rejects.parquet")]
+
+    # Threads (same flow, rebuilt with force: the runner is not part of the fingerprint). Ingest is one
+    # task there (crawl and downloads pipelined) and writes the same tables.
+    state = fm(config="demo", stages=["ingest", "tag"], overrides=_overrides(tmp_path, "thread"), force=True,
                return_state=True)
     assert state.is_completed(), state.message
-    [tag_t] = state.result()
+    ingest_t, tag_t = state.result()
+    assert ingest_t["fingerprint"] == ingest_manifest.fingerprint and ingest_t["shards"] == []
+    assert [store.path(ingest_manifest, name, verify=True).read_bytes()
+            for name in ("posts.parquet", "rejects.parquet")] == ingest_tables
     assert all(s["worker"].endswith(f":{os.getpid()}") for s in tag_t["shards"])  # threads of this process
     fp_t, on_threads = _tags_bytes(store)
     assert fp_t == fp and on_threads == on_dask

@@ -1,0 +1,248 @@
+"""Ingest over a Dask or Ray task runner: the crawl here, the downloads by shard on the cluster's workers.
+
+A query's pages are one cursor walk (Danbooru's `page=b<id>` cannot be split), so `plan_shards` crawls every
+query to its end without downloading (pages journalled as in the one-process crawl; a rerun resumes from the
+cursors and a finished crawl costs no request). The taken posts, in crawl order, are then cut into shards
+of `ingest.shard_posts`; shard k's posts go to `journal/shard-<k>.posts.jsonl`. `run_shard` downloads and
+verifies them into the shared pool on whichever worker the runner picks, journals each outcome in
+`journal/shard-<k>.downloads.jsonl` (resumed after a kill: done posts are skipped) and writes a done mark
+last. On object storage each file is published for other machines (ArtifactStore.work_put / work_get).
+The ledger replays the shard journals with its own, so the merge writes the same posts.parquet and
+rejects.parquet as the one-process crawl. Under the thread runner the stage stays one task with the crawl
+and the downloads pipelined in one event loop (the faster way on one machine).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from data_contracts.errors import ConfigError, StageError
+from data_contracts.store import atomic_write_text
+from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
+from pipeline_config.schema import PipelineConfig
+from tasks.common.stage import StageContext
+from tasks.ingest.api import resolve_credentials
+from tasks.ingest.crawl import (
+    crawl_metadata,
+    download_posts,
+    query_plan,
+    run_async,
+    verify_workers,
+)
+from tasks.ingest.dump_reader import import_dump, import_dump_files
+from tasks.ingest.embedded import api_endpoint
+from tasks.ingest.journal import Journal
+from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, read_journal
+from tasks.ingest.parse import Post
+
+JOURNAL_DIR = "journal"
+CRAWL_STATS = f"{JOURNAL_DIR}/crawl.json"  # the metadata pass's figures, for the merge's report
+
+
+def sharded(cfg: PipelineConfig) -> bool:
+    """Downloads are spread over the task runner's workers only under Dask or Ray."""
+    return cfg.runtime.task_runner in ("dask", "ray")
+
+
+def check_queries(cfg: IngestConfig) -> None:
+    if cfg.source == "danbooru_api" and not cfg.queries and cfg.api.base_url != EMBEDDED_URL:
+        raise ConfigError("ingest.queries is empty: list at least one {tags, quota} query to crawl "
+                          f"{cfg.api.base_url} (an empty list crawls everything, allowed only for the embedded "
+                          "mini-booru and dumps)")
+
+
+def public_url(url: str) -> str:
+    """scheme://host[:port] only: never user:password@ or query strings in manifests."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
+
+
+def source_description(cfg: IngestConfig) -> str:
+    if cfg.source == "danbooru_dump":
+        return f"dump:{cfg.dump.posts_path}"
+    return EMBEDDED_URL if cfg.api.base_url == EMBEDDED_URL else public_url(cfg.api.base_url)
+
+
+def _credentials(cfg: IngestConfig) -> tuple[str | None, str | None]:
+    return (None, None) if cfg.api.base_url == EMBEDDED_URL else resolve_credentials(cfg.api)
+
+
+def _rels(k: int) -> tuple[str, str, str]:
+    """Files of shard k relative to the work folder: post list, download journal, done mark."""
+    base = f"{JOURNAL_DIR}/shard-{k:05d}"
+    return f"{base}.posts.jsonl", f"{JOURNAL_DIR}/{SHARD_DOWNLOADS.format(k)}", f"{base}.done.json"
+
+
+def _journaled(ctx: StageContext, k: int) -> dict[str, Any] | None:
+    """Shard k's summary when it is done (its journal fetched first when another machine ran it)."""
+    _, downloads_rel, done_rel = _rels(k)
+    done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel)
+    if done is None or ctx.store.work_get(ctx.stage, ctx.fingerprint, downloads_rel) is None:
+        return None
+    return json.loads(done.read_text())
+
+
+def crawl(ctx: StageContext) -> None:
+    """The metadata pass: every query's pages (or the dump's records) into the ledger, no files."""
+    cfg: IngestConfig = ctx.section
+    check_queries(cfg)
+    plan = query_plan(cfg)
+    ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan), keep_pending=False)
+    try:
+        if ledger.dump_done if cfg.source == "danbooru_dump" else all(q.done for q in ledger.queries):
+            return  # finished by an earlier call (the plan, or a run before a kill)
+        if cfg.source == "danbooru_api":
+            login, api_key = _credentials(cfg)
+            with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
+                ctx.log.info("ingest: crawling %s (%d queries) before the downloads are sharded",
+                             source_description(cfg), len(plan))
+                stats = run_async(crawl_metadata(cfg, base_url, ledger, login=login, api_key=api_key, log=ctx.log))
+        else:
+            stats = {"dump": import_dump(cfg, ledger, ctx.store.pool_dir(), plan, progress=ctx.progress,
+                                         log=ctx.log, workers=verify_workers(cfg), download=False)}
+    finally:
+        ledger.close()
+    atomic_write_text(ctx.work / CRAWL_STATS, json.dumps(stats))
+
+
+def _shard_posts(ctx: StageContext) -> Iterator[tuple[int, list[Post]]]:
+    """(k, posts) of every shard: the ledger's taken posts in crawl order, `shard_posts` at a time."""
+    size = ctx.section.shard_posts
+    ledger = Ledger(ctx.work / JOURNAL_DIR, len(query_plan(ctx.section)), keep_pending=False)
+    try:
+        chunk: list[Post] = []
+        k = 0
+        for _, post in ledger.taken():
+            chunk.append(post)
+            if len(chunk) == size:
+                yield k, chunk
+                k, chunk = k + 1, []
+        if chunk:
+            yield k, chunk
+    finally:
+        ledger.close()
+
+
+def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
+    """Crawl, then list the download shards not done yet (none unless the runner is Dask or Ray)."""
+    if not sharded(ctx.cfg):
+        return []
+    crawl(ctx)
+    shards = []
+    for k, posts in _shard_posts(ctx):
+        if _journaled(ctx, k) is not None:
+            continue
+        posts_rel, _, _ = _rels(k)
+        # The same posts every time (the finished crawl's journal, in order): rewriting is safe.
+        atomic_write_text(ctx.work / posts_rel, "".join(json.dumps(p.to_json()) + "\n" for p in posts))
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, posts_rel)
+        shards.append({"index": k, "posts": len(posts), "first_id": posts[0].id, "last_id": posts[-1].id})
+    ctx.log.info("ingest: %d download shards of up to %d posts to run", len(shards), ctx.section.shard_posts)
+    return shards
+
+
+def _served_by(post: Post, base_url: str) -> Post:
+    """The post with its file URL on `base_url`'s host: the embedded mini-booru that answered the crawl
+    (another process, another port) is gone; the same files are served here."""
+    if not post.file_url:
+        return post
+    here = urlsplit(base_url)
+    return dataclasses.replace(post, file_url=urlsplit(post.file_url)._replace(scheme=here.scheme,
+                                                                                netloc=here.netloc).geturl())
+
+
+def _outcomes(path: Path) -> dict[int, bool]:
+    """Post id -> ok of every complete record of a shard journal (a later record of an id wins)."""
+    return {int(r["id"]): bool(r["ok"]) for r in read_journal(path)} if path.exists() else {}
+
+
+def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
+    """Download + verify one shard's posts into the pool (idempotent: a done shard returns its summary)."""
+    k = int(shard["index"])
+    done = _journaled(ctx, k)
+    if done is not None:
+        return done
+    cfg: IngestConfig = ctx.section
+    posts_rel, downloads_rel, done_rel = _rels(k)
+    posts_file = ctx.store.work_get(ctx.stage, ctx.fingerprint, posts_rel)
+    if posts_file is None:
+        raise StageError(f"ingest shard {k}: its post list {posts_rel} is missing; rerun `fm run ingest`")
+    posts = [Post.from_json(json.loads(line)) for line in posts_file.read_text().splitlines() if line]
+    if not posts or posts[0].id != shard["first_id"] or posts[-1].id != shard["last_id"]:
+        raise StageError(f"ingest shard {k} does not match the crawl it was planned on; rerun `fm run ingest`")
+    journal_path = ctx.work / downloads_rel
+    finished = _outcomes(journal_path)
+    todo = [p for p in posts if p.id not in finished]
+    pool = ctx.store.pool_dir()
+    pool.mkdir(parents=True, exist_ok=True)
+    with Journal(journal_path) as journal:  # opening cuts a torn last line left by a kill
+        if cfg.source == "danbooru_api":
+            login, api_key = _credentials(cfg)
+            # A daemonic worker (Dask's) may not start processes of its own: decode in threads there.
+            mode = "thread" if multiprocessing.current_process().daemon else None
+            with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, embedded):
+                if embedded:  # this worker serves the mini-booru on a port of its own
+                    todo = [_served_by(post, base_url) for post in todo]
+                stats = run_async(download_posts(cfg, base_url, todo, journal.append, pool, login=login,
+                                                 api_key=api_key, log=ctx.log, verify_mode=mode))
+        else:
+            stats = {"dump": import_dump_files(cfg, todo, pool, journal.append, workers=verify_workers(cfg))}
+    outcomes = _outcomes(journal_path)
+    missing = [p.id for p in posts if p.id not in outcomes]
+    if missing:
+        raise StageError(f"ingest shard {k}: no outcome recorded for posts {missing[:5]}")
+    summary = {"index": k, "posts": len(posts), "ok": sum(outcomes.values()),
+               "failed": len(outcomes) - sum(outcomes.values()), "first_id": shard["first_id"],
+               "last_id": shard["last_id"], "resumed": len(posts) - len(todo), "run": stats,
+               "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (for people)
+    atomic_write_text(ctx.work / done_rel, json.dumps(summary))
+    for rel in (downloads_rel, done_rel):  # the done mark last
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
+    ctx.log.info("ingest: shard %d: %d ok, %d failed", k, summary["ok"], summary["failed"])
+    return summary
+
+
+def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """Sum the numbers of `part` into `total`, nested dicts too (counters of the shards' clients)."""
+    for key, value in part.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            total[key] = round(total.get(key, 0) + value, 3)
+        elif isinstance(value, dict):
+            _add(total.setdefault(key, {}), value)
+
+
+def complete(ctx: StageContext) -> dict[str, Any]:
+    """Before the merge: the crawl finished, every shard done (a shard nobody ran is run here), every
+    shard's journal in the work folder. Returns the run's figures for the report."""
+    crawl(ctx)
+    summaries = {int(s["index"]): s for s in ctx.shard_results}
+    for k, posts in _shard_posts(ctx):
+        summary = _journaled(ctx, k)
+        if summary is None:
+            ctx.log.info("ingest: shard %d was not run by a worker; running it here", k)
+            summary = run_shard(ctx, {"index": k, "first_id": posts[0].id, "last_id": posts[-1].id})
+        summaries[k] = summary
+    stats_file = ctx.work / CRAWL_STATS
+    crawl_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    run: dict[str, Any] = {key: value for key, value in crawl_stats.items() if key != "dump"}
+    totals: dict[str, Any] = {}
+    for summary in summaries.values():
+        _add(totals, summary.get("run") or {})
+    run["http"] = {**(crawl_stats.get("http") or {})}
+    _add(run["http"], totals.get("http") or {})
+    if "downloads" in totals:
+        run["downloads"] = totals["downloads"]
+    if "dump" in totals or "dump" in crawl_stats:
+        run["dump"] = {**(crawl_stats.get("dump") or {}), **(totals.get("dump") or {})}
+    run["shards"] = {"count": len(summaries), "shard_posts": ctx.section.shard_posts,
+                     "workers": sorted({s.get("worker", "?") for s in summaries.values()})}
+    return run
