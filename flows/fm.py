@@ -15,8 +15,15 @@ from pipeline_config.load import load_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import install_redaction, register_secret
 from tasks.common.shard_workers import WorkerSlot, run_claimed, run_in_workers
-from tasks.common.stage import (StageOutcome, finish_stage, is_cached, plan_shards, prepare_stage, reopen_stage,
-                               worker_slots)
+from tasks.common.stage import (
+    StageOutcome,
+    finish_stage,
+    is_cached,
+    plan_shards,
+    prepare_stage,
+    reopen_stage,
+    worker_slots,
+)
 from tasks.registry import DAG_ORDER, implemented_stages, stage_spec
 
 
@@ -218,12 +225,14 @@ def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[
 
 
 def _ray_gpu_options(stage: str, cfg: PipelineConfig):
-    """Under the Ray runner, a GPU stage set to device cuda gets one GPU per shard task (Ray sets each task's
+    """Under the Ray runner, a GPU stage set to device cuda (tag.device; runtime.device for cache) gets one GPU
+    per shard task (Ray sets each task's
     CUDA_VISIBLE_DEVICES), so shards spread over every GPU of the cluster."""
     from contextlib import nullcontext
 
-    section = getattr(cfg, stage, None)
-    if cfg.runtime.task_runner != "ray" or stage not in GPU_STAGES or getattr(section, "device", None) != "cuda":
+    # The stage's own device (tag.device), else runtime.device (cache).
+    device = getattr(getattr(cfg, stage, None), "device", None) or cfg.runtime.device
+    if cfg.runtime.task_runner != "ray" or stage not in GPU_STAGES or device != "cuda":
         return nullcontext()
     from prefect_ray.context import remote_options
 

@@ -37,8 +37,9 @@ def _index(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def load_samples(store: ArtifactStore, upstream: dict[str, StageManifest], cfg: CacheConfig,
-                 tokens: TagTokenizer) -> tuple[pa.Table, list[dict]]:
-    """(samples sorted by bucket then id, reject rows). Image paths are absolute local paths."""
+                 tokens: TagTokenizer, fetch: bool = True) -> tuple[pa.Table, list[dict]]:
+    """(samples sorted by bucket then id, reject rows). Image paths are absolute local paths, or with
+    fetch=False pool-relative ones (nothing downloaded; `localize` a part of the table before reading it)."""
     buckets = read_upstream(store, upstream["bucket"], "buckets", BUCKETS_SCHEMA,
                             ["id", *GEOMETRY, "flip"])
     posts = read_upstream(store, upstream["ingest"], "posts", POSTS_SCHEMA,
@@ -65,8 +66,6 @@ def load_samples(store: ArtifactStore, upstream: dict[str, StageManifest], cfg: 
     quality_t = quality.take(pa.array(rows["quality"][1][keep]))
 
     p = posts_t.to_pydict()
-    # On object storage this downloads the images not yet in the local pool copy (a no-op locally).
-    pool = store.pool_fetch(p["image_path"])
     t = tags_t.to_pydict()
     labels = quality_t.column("label").to_pylist()
     raw = []
@@ -79,7 +78,7 @@ def load_samples(store: ArtifactStore, upstream: dict[str, StageManifest], cfg: 
     weights = [1.0 if w is None else float(w) for w in t["tag_weight"]]
     columns = {
         "id": buckets.column("id"),
-        "image": pa.array([str(Path(pool) / rel) for rel in p["image_path"]], pa.string()),
+        "image": pa.array(p["image_path"], pa.string()),
         **{name: buckets.column(name) for name in GEOMETRY},
         "flip": buckets.column("flip").fill_null(False),
         "quality_label": quality_t.column("label"),
@@ -89,4 +88,14 @@ def load_samples(store: ArtifactStore, upstream: dict[str, StageManifest], cfg: 
     table = pa.table(columns)
     order = np.lexsort((table.column("id").to_numpy(), table.column("bucket_h").to_numpy(),
                         table.column("bucket_w").to_numpy()))
-    return table.take(pa.array(order)), rejects
+    table = table.take(pa.array(order))
+    return (localize(store, table) if fetch else table), rejects
+
+
+def localize(store: ArtifactStore, samples: pa.Table) -> pa.Table:
+    """The samples with pool-relative image paths made absolute local ones. On object storage this
+    downloads the images not yet in this machine's pool copy (a no-op on a local root)."""
+    rels = samples.column("image").to_pylist()
+    pool = store.pool_fetch(rels)
+    index = samples.column_names.index("image")
+    return samples.set_column(index, "image", pa.array([str(Path(pool) / rel) for rel in rels], pa.string()))

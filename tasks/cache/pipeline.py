@@ -27,11 +27,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.cache.chunks import (ChunkPlan, append_journal, chunk_table, is_done, journal_entry, read_journal,
-                                write_chunk)
+from tasks.cache.chunks import (
+    ChunkPlan,
+    append_journal,
+    chunk_table,
+    is_done,
+    journal_entry,
+    read_journal,
+    write_chunk,
+)
 from tasks.cache.encode import LatentEncoder
-from tasks.cache.images import (Geometry, ImageError, crop_tensor, decode_tensors, load_pil, prepare,
-                                uint8_to_pixels)
+from tasks.cache.images import (
+    Geometry,
+    ImageError,
+    crop_tensor,
+    decode_tensors,
+    load_pil,
+    prepare,
+    uint8_to_pixels,
+)
 
 Backend = Literal["pil", "torch"]
 ChunkDone = Callable[[ChunkPlan, dict], None]
@@ -148,18 +162,27 @@ class _Lanes:
         return hosts, done
 
 
+def bucket_sizes(plans: list[ChunkPlan]) -> dict[tuple[int, int], int]:
+    sizes: dict[tuple[int, int], int] = {}
+    for plan in plans:
+        sizes[plan.bucket] = sizes.get(plan.bucket, 0) + plan.stop - plan.start
+    return sizes
+
+
 def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module, *, device: torch.device,
                  backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
                  journal: Path, threads: int, on_chunk: ChunkDone | None = None,
                  encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
-                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None) -> LoopStats:
+                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None,
+                 bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
     """Encode and write every planned chunk (in order); each chunk journalled once written.
 
     `claim(i)`: several processes share `plans`; plan i is taken only if claim(i) says it is this one's,
     asked when the reading threads reach it (a batch or so ahead), so the faster device takes more chunks.
 
     With `compile`, a bucket with fewer than `compile_min_images` images (in these plans) runs eagerly:
-    compiling one more shape costs more than it saves on a few images.
+    compiling one more shape costs more than it saves on a few images. `bucket_rows` gives the bucket
+    sizes of the whole stage when `plans` are only a part of it (a shard), so the choice stays the same.
     `encoder` reuses a LatentEncoder (and its compiled graphs) across calls; by default one is made.
     `cpu_jpeg` (torch backend): decode JPEGs in the reading threads (libjpeg-turbo) instead of on the
     device, leaving the GPU to the encoder; resize and crop still run on the device."""
@@ -181,9 +204,7 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
             yield from ((p_idx, b) for b in batches)
 
     jobs = plan_jobs()
-    per_bucket: dict[tuple[int, int], int] = {}  # over every plan: compile choices do not depend on claims
-    for plan in plans:
-        per_bucket[plan.bucket] = per_bucket.get(plan.bucket, 0) + plan.stop - plan.start
+    per_bucket = bucket_rows or bucket_sizes(plans)  # over every plan: compile choices do not depend on claims
     lanes = _Lanes(device)
     load = (partial(_load_pil_batch, pin=lanes.cuda) if backend == "pil"
             else partial(_prepare_batch, cpu_jpeg=cpu_jpeg, pin=lanes.cuda))

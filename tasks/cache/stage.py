@@ -3,7 +3,8 @@
 Output folder:
     chunks/bucket=<w>x<h>/part-<n>.parquet   CHUNK_SCHEMA rows, sorted by id within a chunk
     rejects.parquet                          id, reason, detail (missing upstream rows, bad images)
-    _journal-<rank>.jsonl                    one line per finished chunk (resume bookkeeping)
+    _journal-<rank>.jsonl                    one line per finished chunk (resume bookkeeping; _journal-s<k>
+                                             for shard k under a Dask/Ray runner, tasks/cache/shards.py)
     report.json, manifest.json
 
 The VAE and tokenizer identities (sha256 of the weights / vocabulary files) belong in the fingerprint:
@@ -12,67 +13,36 @@ VAE file under the same `cache.model` path re-caches.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from data_contracts.bucket import BUCKETS_SCHEMA
 from data_contracts.cache import ChunkInfo
+from data_contracts.errors import StageError
 from data_contracts.ingest import POSTS_SCHEMA
-from data_contracts.errors import ContractError, StageError
 from data_contracts.tables import REJECTS_SCHEMA, write_table
-from pipeline_config.schema import PipelineConfig
-from tasks.cache.captions import TagTokenizer
-from tasks.cache.chunks import clean_temp, is_done, plan_chunks, read_journal
+from tasks.cache import shards
+from tasks.cache.chunks import clean_temp, is_done, read_journal
 from tasks.cache.encode import resolve_device
-from tasks.cache.inputs import load_samples
+from tasks.cache.inputs import localize
 from tasks.cache.pipeline import LoopStats, cache_chunks, load_vae, run_sharded
-from tasks.cache.visuals import decode_check, make_decoded_sheet, read_chunk_sample, vae_decoder
+from tasks.cache.planning import fingerprint_extra, plan_samples
+from tasks.cache.visuals import (
+    decode_check,
+    make_decoded_sheet,
+    read_chunk_sample,
+    vae_decoder,
+)
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.common.upstream import read_upstream
-from tasks.models.identity import files_identity
-from tasks.models.sources import ModelSource, resolve_model_source
-from tasks.models.tokenizer import builtin_tokenizer_dir, load_tokenizer, tokenizer_identity
 
 CODE_VERSION = "2"  # 2: decoded-latent sheet + PSNR in the report
 REJECTS_FILE = "rejects.parquet"
-
-
-def vae_identity(source: ModelSource, cache_dir: Path) -> str:
-    """sha256 of what defines the VAE weights: the checkpoint file, or a diffusers folder's vae/ files."""
-    if source.kind == "diffusers":
-        files = [p for p in source.weight_files if p.parent.name == "vae"]
-        if files:
-            return files_identity([(f"vae/{p.name}", p) for p in files], cache_dir)
-    return source.identity
-
-
-def model_identity(cfg: PipelineConfig) -> tuple[ModelSource, str, str]:
-    """(source, VAE identity, tokenizer identity) of `cache.model` (builds the tiny builtin on first use)."""
-    cache_dir = Path(cfg.runtime.cache_dir)
-    source = resolve_model_source(cfg.cache.model, cache_dir)
-    tok_dir = source.tokenizer_dir or builtin_tokenizer_dir(cache_dir)
-    return source, vae_identity(source, cache_dir), tokenizer_identity(tok_dir)
-
-
-def fingerprint_extra(cfg: PipelineConfig) -> dict:
-    """What the fingerprint needs beyond the config section: the identities of the VAE and tokenizer."""
-    _, vae_id, tok_id = model_identity(cfg)
-    return {"vae_identity": vae_id, "tokenizer_identity": tok_id}
-
-
-def _vae_shape(source: ModelSource) -> tuple[int, int, float]:
-    """(latent channels, downscale, scaling factor) from the VAE config, without loading weights."""
-    vae_cfg = json.loads((source.config_dir / "vae" / "config.json").read_text())
-    channels = int(vae_cfg.get("latent_channels", 4))
-    downscale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    return channels, downscale, float(vae_cfg.get("scaling_factor") or 0.18215)
 
 
 def _report(chunks: list[ChunkInfo], rejects: list[dict], stats: dict) -> StageReport:
@@ -101,20 +71,12 @@ def build(ctx: StageContext) -> StageResult:
     cfg = ctx.section
     runtime = ctx.cfg.runtime
     cache_dir = Path(runtime.cache_dir)
-    source, vae_id, tok_id = model_identity(ctx.cfg)
-    tokenizer = load_tokenizer(source.tokenizer_dir, cache_dir=cache_dir)
-    samples, rejects = load_samples(ctx.store, ctx.upstream, cfg, TagTokenizer(tokenizer))
-    if samples.num_rows == 0:
-        raise StageError("cache: no sample has a row in every upstream output (bucket, ingest, tag, quality); "
-                         "check the upstream stages' rejects")
-    channels, downscale, scaling = _vae_shape(source)
-    bw, bh = samples.column("bucket_w").to_numpy(), samples.column("bucket_h").to_numpy()
-    if np.any(bw % downscale) or np.any(bh % downscale):
-        raise ContractError(f"bucket sizes must be multiples of the VAE downscale {downscale}; "
-                            f"found e.g. {int(bw[np.argmax(bw % downscale)])}x{int(bh[np.argmax(bh % downscale)])}")
-    plans = plan_chunks(samples.column("id").to_numpy(), bw, bh, channels=channels, downscale=downscale,
-                        store_std=cfg.store_std, chunk_bytes=cfg.chunk_target_mb * 1e6,
-                        row_group_bytes=cfg.row_group_mb * 1e6)
+    planned = plan_samples(ctx)
+    samples, rejects, plans = planned.samples, planned.rejects, planned.plans
+    vae_id, tok_id, scaling = planned.vae_id, planned.tok_id, planned.scaling
+    channels, downscale = planned.channels, planned.downscale
+    if shards.sharded(ctx.cfg):  # chunks written by the runner's workers: bring in what other machines wrote
+        shards.fetch_published(ctx, plans)
 
     clean_temp(ctx.work)
     done = read_journal(ctx.work)
@@ -134,6 +96,8 @@ def build(ctx: StageContext) -> StageResult:
 
     loop = LoopStats()
     vae = load_vae(cfg.model, cache_dir) if todo else None
+    if todo:  # the images of the chunks written here, local (downloaded on object storage)
+        samples = localize(ctx.store, samples)
     if todo and gpus > 1:
         loop = run_sharded(samples, todo, gpus=gpus, work=ctx.work, model=cfg.model, cache_dir=cache_dir,
                            backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
@@ -145,6 +109,9 @@ def build(ctx: StageContext) -> StageResult:
                             journal=ctx.work / "_journal-0.jsonl", threads=max(1, runtime.max_workers),
                             on_chunk=on_chunk, compile_min_images=cfg.compile_min_images)
 
+    if shards.sharded(ctx.cfg):
+        loop = shards.merge_stats(ctx.shard_results, loop)
+    shards.remove_inputs(ctx)
     done = read_journal(ctx.work)
     missing = [p.path for p in plans if not is_done(p, done)]
     if missing:
@@ -211,4 +178,5 @@ def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], scaling: float, c
 
 
 SPEC = StageSpec(name="cache", upstream=("ingest", "tag", "quality", "bucket"), code_version=CODE_VERSION,
-                 build=build, resumable=True, fingerprint_extra=fingerprint_extra)
+                 build=build, resumable=True, fingerprint_extra=fingerprint_extra,
+                 plan_shards=shards.plan_shards, run_shard=shards.run_shard)

@@ -23,8 +23,18 @@ import torch
 from PIL import Image
 
 from tasks.cache.images import Geometry, ImageError, load_pil
-from tasks.common.visuals import (MUTED, Line, Tile, contact_sheet, pick, psnr, save_png, side_by_side,
-                                  side_by_side_width, uint8_image)
+from tasks.common.visuals import (
+    MUTED,
+    Line,
+    Tile,
+    contact_sheet,
+    pick,
+    psnr,
+    save_png,
+    side_by_side,
+    side_by_side_width,
+    uint8_image,
+)
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # model-space latents [1, C, h, w] -> pixels [1, 3, H, W] in [-1, 1]
 THUMB = 144  # per image; a tile is source | decoded

@@ -82,7 +82,8 @@ def build(ctx: StageContext) -> StageResult:
     )
 
 
-def _fetch_here(ctx: StageContext, ledger: Ledger, plan: list[tuple[str, str, int]], source_desc: str) -> dict[str, Any]:
+def _fetch_here(ctx: StageContext, ledger: Ledger, plan: list[tuple[str, str, int]],
+                source_desc: str) -> dict[str, Any]:
     """Crawl (or read the dump) with the downloads pipelined in this process; returns the run's figures."""
     cfg: IngestConfig = ctx.section
     pool = ctx.store.pool_dir()
@@ -122,14 +123,16 @@ def make_pictures(ctx: StageContext, reject_images: dict[int, str]) -> tuple[dic
 
     def rejects_sheet() -> dict[str, str]:
         rejects = read_table(ctx.work / "rejects.parquet", REJECTS, columns=["id", "reason", "detail"])
+        if not ctx.store.is_local:  # files pooled by another machine (a shard's worker): fetch those the pool has
+            ctx.store.pool_fetch([rel for rel in reject_images.values() if ctx.store.pool_size(rel) is not None])
         in_pool = {i: rel for i, rel in reject_images.items() if (pool / rel).is_file()}
         return make_rejects_sheet(rejects, pool, ctx.work, in_pool, seed=seed, max_items=MAX_ITEMS)
 
     return draw_pictures(ctx, {
         "character": lambda: make_character_sheets(posts(), pool, ctx.work, seed=seed, max_items=MAX_ITEMS,
-                                                   max_groups=MAX_GROUPS),
+                                                   max_groups=MAX_GROUPS, fetch=ctx.store.pool_fetch),
         "series": lambda: make_series_sheets(posts(), pool, ctx.work, seed=seed, max_items=MAX_ITEMS,
-                                             max_groups=MAX_GROUPS),
+                                             max_groups=MAX_GROUPS, fetch=ctx.store.pool_fetch),
         "rejects": rejects_sheet,
     })
 

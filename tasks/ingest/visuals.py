@@ -6,7 +6,7 @@ Inputs are the contract tables (data_contracts/ingest.py POSTS_SCHEMA, REJECTS) 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -45,10 +45,12 @@ def make_group_sheets(
     max_items: int = 24,
     max_groups: int = 12,
     thumb: int = THUMB,
+    fetch: Callable[[list[str]], object] | None = None,
 ) -> dict[str, str]:
     """One sheet per character (`by="character"`, tags_character) or series (`by="series"`,
     tags_copyright): the `max_groups` largest groups, up to `max_items` posts each, best score first,
-    captioned with post id and score."""
+    captioned with post id and score. `fetch(rels)` makes the shown files local first (object storage:
+    ArtifactStore.pool_fetch), so only those are downloaded."""
     column = TAG_COLUMNS[by]
     groups = _group_rows(posts, column)
     ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_groups]
@@ -59,6 +61,8 @@ def make_group_sheets(
     for tag, rows in ranked:
         chosen = rows[pick(ids[rows], max_items, seed)]
         chosen = sorted(chosen, key=lambda r: (-(scores[r] if scores[r] is not None else -(1 << 31)), ids[r]))
+        if fetch is not None:
+            fetch([paths[r] for r in chosen])
         tiles = [
             Tile(thumbnail(Path(pool) / paths[r], thumb), [f"#{ids[r]}", Line(_score_text(scores[r]), MUTED)])
             for r in chosen
@@ -69,15 +73,15 @@ def make_group_sheets(
 
 
 def make_character_sheets(posts: pa.Table, pool: Path, out_dir: Path, *, seed: int = 0, max_items: int = 24,
-                          max_groups: int = 12) -> dict[str, str]:
+                          max_groups: int = 12, fetch: Callable[[list[str]], object] | None = None) -> dict[str, str]:
     return make_group_sheets(posts, pool, out_dir, by="character", seed=seed, max_items=max_items,
-                             max_groups=max_groups)
+                             max_groups=max_groups, fetch=fetch)
 
 
 def make_series_sheets(posts: pa.Table, pool: Path, out_dir: Path, *, seed: int = 0, max_items: int = 24,
-                       max_groups: int = 12) -> dict[str, str]:
+                       max_groups: int = 12, fetch: Callable[[list[str]], object] | None = None) -> dict[str, str]:
     return make_group_sheets(posts, pool, out_dir, by="series", seed=seed, max_items=max_items,
-                             max_groups=max_groups)
+                             max_groups=max_groups, fetch=fetch)
 
 
 def make_rejects_sheet(

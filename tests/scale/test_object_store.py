@@ -149,3 +149,45 @@ def test_credentials_in_storage_options_are_refused():
     with pytest.raises(ConfigError, match="client_kwargs.aws_secret_access_key"):
         load_config("demo", {"runtime.storage_options": {"client_kwargs": {"aws_secret_access_key": "s"}}})
     assert load_config("demo", {"runtime.storage_options": {"endpoint_url": "http://x"}}).runtime.storage_options
+
+
+def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_endpoint, s3_env):
+    """Ingest and cache as under a Dask/Ray runner on two machines: the plan and the merge here, every shard
+    on "another machine" (its own local cache and pool copy); they meet only through the object store. The
+    outputs equal a one-process run on a local root."""
+    fs, bucket = s3_env
+    cfg = _cfg(tmp_path, s3_endpoint, bucket, **{"runtime.task_runner": "dask", "ingest.shard_posts": 128})
+    store = ArtifactStore.for_config(cfg)
+    worker = ArtifactStore(cfg.data_root, tmp_path / "worker-cache", cfg.runtime.storage_options)
+    root = f"{bucket}/runs/demo"
+
+    def on_two_machines(stage: str):
+        spec = stage_spec(stage)
+        prepared = prepare_stage(spec, cfg, store)
+        shards = plan_shards(prepared)
+        assert len(shards) >= 2, stage
+        remote = reopen_stage(spec, cfg, worker, prepared.ctx.fingerprint).ctx
+        results = [spec.run_shard(remote, shard) for shard in shards]
+        assert not fs.exists(f"{root}/{stage}/{prepared.ctx.fingerprint}")  # nothing committed before the merge
+        return finish_stage(prepared, results)
+
+    ingest = on_two_machines("ingest")
+    # The files went to the S3 pool from the worker's copy; this machine's copy holds only the pictures' files.
+    local_pool = [p for p in (tmp_path / "cache" / "pool").rglob("*.*") if ".incoming" not in p.parts]
+    assert 0 < len(local_pool) < ingest.manifest.row_counts["posts"]
+    assert any(f.path.startswith("visuals/ingest-character") for f in ingest.manifest.files)
+    for stage in ("tag", "quality", "bucket"):
+        run_stage(stage_spec(stage), cfg, store)
+    cache = on_two_machines("cache")
+
+    local_cfg = load_config("demo", {"data_root": str(tmp_path / "local"), "runtime.cache_dir": str(tmp_path / "cache"),
+                                     "tag.shard_size": 100})
+    local = ArtifactStore.for_config(local_cfg)
+    ref = {s: run_stage(stage_spec(s), local_cfg, local).manifest for s in ("ingest", "tag", "quality", "bucket",
+                                                                            "cache")}
+    assert ingest.manifest.fingerprint == ref["ingest"].fingerprint
+    for name in ("posts.parquet", "rejects.parquet"):
+        assert store.path(ingest.manifest, name).read_bytes() == local.path(ref["ingest"], name).read_bytes()
+    assert cache.manifest.fingerprint == ref["cache"].fingerprint
+    assert {c.path: c.sha256 for c in cache.manifest.chunks} == {c.path: c.sha256 for c in ref["cache"].chunks}
+    assert not fs.exists(f"{root}/cache/_work/{cache.manifest.fingerprint}")

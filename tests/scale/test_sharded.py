@@ -7,10 +7,12 @@ import time
 
 import pytest
 
+from data_contracts.cache import CacheManifest
 from data_contracts.ingest import IngestManifest
 from data_contracts.store import ArtifactStore
 from data_contracts.tag import TagManifest
 from pipeline_config.load import load_config
+from tasks.cache import stage as cache_stage
 from tasks.common.stage import finish_stage, plan_shards, prepare_stage, reopen_stage, run_stage
 from tasks.ingest import stage as ingest_stage
 from tasks.tag import stage as tag_stage
@@ -45,9 +47,10 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     pytest.importorskip("prefect_dask", reason="the Dask runner needs prefect-dask: pip install 'booruflow[dask]'")
     from flows.fm import fm
 
-    state = fm(config="demo", stages=["ingest", "tag"], overrides=_overrides(tmp_path, "dask"), return_state=True)
+    state = fm(config="demo", stages=["ingest", "tag", "quality", "bucket", "cache"],
+               overrides=_overrides(tmp_path, "dask"), return_state=True)
     assert state.is_completed(), state.message
-    ingest, tag = state.result()
+    ingest, tag, _, _, cache = state.result()
     assert ingest["stage"] == "ingest" and tag["stage"] == "tag" and not tag["cached"]
     n_posts = ingest["row_counts"]["posts"]
     n_shards = -(-n_posts // 64)
@@ -60,10 +63,14 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     n_ingest = len(ingest["shards"])
     assert n_ingest >= 2 and sum(s["posts"] for s in ingest["shards"]) >= n_posts
     assert all(not s["worker"].endswith(f":{os.getpid()}") for s in ingest["shards"])
-    names = _task_run_names(state.state_details.flow_run_id, expected=n_shards + n_ingest + 4)
+    # Cache: one shard per chunk, encoded on the Dask workers, merged here.
+    assert len(cache["shards"]) >= 2 and all(not s["worker"].endswith(f":{os.getpid()}") for s in cache["shards"])
+    n_cache = len(cache["shards"])
+    names = _task_run_names(state.state_details.flow_run_id, expected=n_shards + n_ingest + n_cache + 8)
     assert [n for n in names if n.startswith("tag-shard-")] == sorted(f"tag-shard-{i}" for i in range(n_shards))
     assert [n for n in names if n.startswith("ingest-shard-")] == sorted(f"ingest-shard-{i}" for i in range(n_ingest))
-    assert "tag-merge" in names and "ingest-merge" in names
+    assert "tag-merge" in names and "ingest-merge" in names and "cache-merge" in names
+    assert len([n for n in names if n.startswith("cache-shard-")]) == n_cache
 
     cfg = load_config("demo", _overrides(tmp_path, "thread"))
     store = ArtifactStore.for_config(cfg)
@@ -99,6 +106,13 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     assert not any(f.path.startswith("visuals/") for f in out.manifest.files)
     fp_r, in_process = _tags_bytes(store)
     assert fp_r == fp and in_process == on_dask
+
+    # Cache in this process (one task, no shards) writes the chunks the Dask workers wrote.
+    cache_manifest = store.read_manifest(CacheManifest)
+    on_dask_chunks = {c.path: c.sha256 for c in cache_manifest.chunks}
+    again = run_stage(cache_stage.SPEC, cfg, store, force=True).manifest
+    assert again.fingerprint == cache_manifest.fingerprint
+    assert {c.path: c.sha256 for c in again.chunks} == on_dask_chunks and len(on_dask_chunks) == n_cache
 
 
 def test_killed_merge_resumes_from_shards_published_by_workers(tmp_path):

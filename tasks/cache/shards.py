@@ -1,0 +1,167 @@
+"""Cache over a Dask or Ray task runner: one shard per chunk plan, on whichever worker the runner picks.
+
+`plan_shards` joins the upstream outputs once and writes the samples (pool-relative image paths, so any
+machine can use them) to `_shard-samples.parquet` in the work folder; each shard is one chunk plan (a part of
+one bucket), largest first. `run_shard` re-derives the plans from those samples (it refuses a shard planned on
+other samples), brings the chunk's images into its machine's pool copy, encodes them on the worker's device
+with a VAE loaded once per worker process, writes the chunk and journals it in `_journal-s<k>.jsonl`; on
+object storage both are published for the merge (chunk first, journal last). Under Ray each shard task gets
+one GPU (`runtime.device: cuda`); under Dask give each worker one GPU (dask-cuda's LocalCUDACluster does).
+The merge (the stage's build) fetches every journal and writes any chunk no worker did. Under the thread
+runner the stage is one task: this process plus one process per further local GPU (pipeline.run_sharded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts.errors import StageError
+from pipeline_config.schema import PipelineConfig
+from tasks.cache.chunks import ChunkPlan, is_done, read_journal
+from tasks.cache.encode import LatentEncoder, resolve_device
+from tasks.cache.inputs import localize
+from tasks.cache.pipeline import LoopStats, bucket_sizes, cache_chunks, load_vae
+from tasks.cache.planning import chunk_plans, model_identity, plan_samples, vae_shape
+from tasks.common.stage import StageContext
+
+SAMPLES = "_shard-samples.parquet"
+
+
+def sharded(cfg: PipelineConfig) -> bool:
+    """Chunks are spread over the task runner's workers only under Dask or Ray."""
+    return cfg.runtime.task_runner in ("dask", "ray")
+
+
+def _journal_rel(k: int) -> str:
+    return f"_journal-s{k:05d}.jsonl"
+
+
+def _entry(ctx: StageContext, k: int, plan_path: str, key: str) -> dict | None:
+    """Shard k's journal entry when its chunk is written (both fetched when another machine wrote them)."""
+    journal = ctx.store.work_get(ctx.stage, ctx.fingerprint, _journal_rel(k))
+    if journal is None:
+        return None
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut by a kill
+        if entry.get("path") != plan_path or entry.get("key") != key:
+            continue
+        if entry["rows"] and ctx.store.work_get(ctx.stage, ctx.fingerprint, plan_path) is None:
+            return None
+        chunk = ctx.work / plan_path
+        if entry["rows"] == 0 or (chunk.is_file() and chunk.stat().st_size == entry["bytes"]):
+            return entry
+    return None
+
+
+def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
+    """The chunks still to write, one shard each, largest first (none unless the runner is Dask or Ray)."""
+    if not sharded(ctx.cfg):
+        return []
+    planned = plan_samples(ctx)
+    pq.write_table(planned.samples, ctx.work / SAMPLES)
+    ctx.store.work_put(ctx.stage, ctx.fingerprint, SAMPLES)
+    done = read_journal(ctx.work)
+    shards = [{"index": k, "path": p.path, "key": p.key, "rows": p.stop - p.start}
+              for k, p in enumerate(planned.plans)
+              if not is_done(p, done) and _entry(ctx, k, p.path, p.key) is None]
+    ctx.log.info("cache: %d of %d chunks to write as shards", len(shards), len(planned.plans))
+    return sorted(shards, key=lambda s: -s["rows"])
+
+
+# One worker process runs many shards of one stage run: read the samples and load the VAE once per process.
+_LOCK = threading.Lock()
+_STATE: dict[tuple, tuple[pa.Table, list[ChunkPlan], Any]] = {}
+
+
+def _worker_state(ctx: StageContext) -> tuple[pa.Table, list[ChunkPlan], LatentEncoder]:
+    cfg, runtime = ctx.section, ctx.cfg.runtime
+    key = (ctx.store.root_url, ctx.fingerprint, runtime.device)
+    with _LOCK:
+        if key not in _STATE:
+            path = ctx.store.work_get(ctx.stage, ctx.fingerprint, SAMPLES)
+            if path is None:
+                raise StageError(f"cache: the shards' samples file {SAMPLES} is missing; rerun `fm run cache`")
+            samples = pq.read_table(path)
+            channels, downscale, _ = vae_shape(model_identity(ctx.cfg)[0])
+            plans = chunk_plans(samples, cfg, channels, downscale)
+            device = resolve_device(runtime.device)
+            encoder = LatentEncoder(load_vae(cfg.model, Path(runtime.cache_dir)), device, cfg.batch_size,
+                                    compile=cfg.compile)
+            _STATE.clear()
+            _STATE[key] = (samples, plans, encoder)
+        return _STATE[key]
+
+
+def _summary(k: int, entry: dict, started: float, stats: LoopStats | None, device: str) -> dict[str, Any]:
+    return {"index": k, "path": entry["path"], "rows": entry["rows"], "rejects": len(entry["rejects"]),
+            "images": stats.images if stats else 0, "started": started, "finished": time.time(),
+            "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
+    """Encode and write one chunk (idempotent: a written chunk returns its summary at once)."""
+    started = time.time()
+    k = int(shard["index"])
+    entry = _entry(ctx, k, shard["path"], shard["key"])
+    if entry is not None:
+        return _summary(k, entry, started, None, "")
+    samples, plans, encoder = _worker_state(ctx)
+    if k >= len(plans) or plans[k].key != shard["key"] or plans[k].path != shard["path"]:
+        raise StageError(f"cache shard {k} ({shard['path']}) does not match the samples it was planned on; "
+                         "rerun `fm run cache`")
+    cfg, runtime = ctx.section, ctx.cfg.runtime
+    plan = plans[k]
+    part = localize(ctx.store, samples.slice(plan.start, plan.stop - plan.start))
+    backend = cfg.decode if cfg.decode != "auto" else ("torch" if encoder.device.type == "cuda" else "pil")
+    journal = ctx.work / _journal_rel(k)
+    stats = cache_chunks(part, [dataclasses.replace(plan, start=0, stop=part.num_rows)], encoder.vae,
+                         device=encoder.device, backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
+                         store_std=cfg.store_std, work=ctx.work, journal=journal,
+                         threads=max(1, runtime.max_workers), encoder=encoder,
+                         compile_min_images=cfg.compile_min_images, bucket_rows=bucket_sizes(plans))
+    entry = _entry(ctx, k, plan.path, plan.key)
+    if entry is None:
+        raise StageError(f"cache shard {k}: {plan.path} was not journalled")
+    if entry["rows"]:
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, plan.path)
+    ctx.store.work_put(ctx.stage, ctx.fingerprint, _journal_rel(k))  # the journal last: it marks the chunk done
+    ctx.log.info("cache: shard %d: %s, %d rows, %d rejected", k, plan.path, entry["rows"], len(entry["rejects"]))
+    return _summary(k, entry, started, stats, str(encoder.device))
+
+
+def fetch_published(ctx: StageContext, plans: list[ChunkPlan]) -> None:
+    """Bring every shard's journal and chunk into the work folder (a no-op on a local root)."""
+    for k, plan in enumerate(plans):
+        _entry(ctx, k, plan.path, plan.key)
+
+
+def merge_stats(results: list[dict[str, Any]], here: LoopStats) -> LoopStats:
+    """This run's figures: the shards' images over the wall time from the first shard's start to the last
+    one's end (workers run at once), plus what the merge wrote itself."""
+    ran = [r for r in results if r.get("images")]
+    if not ran:
+        return here
+    total = LoopStats(images=sum(r["images"] for r in ran), chunks=len(ran),
+                      seconds=max(r["finished"] for r in ran) - min(r["started"] for r in ran))
+    total.merge(here)
+    return total
+
+
+def remove_inputs(ctx: StageContext) -> None:
+    """The samples file is the shards' input, not part of the output; a VAE this process kept for
+    shards run here is let go."""
+    (ctx.work / SAMPLES).unlink(missing_ok=True)
+    with _LOCK:
+        _STATE.clear()
