@@ -156,7 +156,8 @@ def test_tag_shards_on_ray_give_the_same_bytes(tmp_path, prefect_api):
 
 def test_ray_gives_each_gpu_shard_task_one_gpu_and_cpu_stages_none(prefect_api):
     """Ray schedules by declared resources: a local cluster declaring 2 GPUs (none needed to schedule) runs
-    a cuda tag stage's shard tasks one GPU each, pinned by Ray through CUDA_VISIBLE_DEVICES."""
+    a cuda tag stage's (or cache's, under runtime.device cuda) shard tasks one GPU each, pinned by Ray through
+    CUDA_VISIBLE_DEVICES."""
     pytest.importorskip("prefect_ray", reason="the Ray runner needs prefect-ray: pip install 'booruflow[ray]'")
     from prefect import flow, task
     from prefect_ray import RayTaskRunner
@@ -169,15 +170,24 @@ def test_ray_gives_each_gpu_shard_task_one_gpu_and_cpu_stages_none(prefect_api):
 
         return [str(g) for g in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")
 
-    @flow(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "num_gpus": 2}))
-    def probe(stage: str, device: str) -> list:
-        cfg = load_config("demo", ["runtime.task_runner=ray", f"tag.device={device}"])
-        with _ray_gpu_options(stage, cfg):
-            futures = [placement.submit() for _ in range(4)]
-        return [f.result() for f in futures]
+    cases = [("tag", "cuda", "auto"), ("ingest", "cuda", "auto"), ("tag", "cpu", "auto"),
+             ("cache", "cpu", "cuda"), ("cache", "cuda", "cpu")]
 
-    on_gpus = probe("tag", "cuda")
+    @flow(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "num_gpus": 2}))
+    def probe() -> list:  # one Ray cluster for every case (each start costs seconds)
+        results = []
+        for stage, device, runtime_device in cases:
+            cfg = load_config("demo", ["runtime.task_runner=ray", f"tag.device={device}",
+                                       f"runtime.device={runtime_device}"])
+            with _ray_gpu_options(stage, cfg):
+                futures = [placement.submit() for _ in range(4 if stage == "tag" and device == "cuda" else 2)]
+            results.append([f.result() for f in futures])
+        return results
+
+    on_gpus, ingest, tag_cpu, cache_cuda, cache_cpu = probe()
     assert all(len(ids) == 1 and ids[0] in {"0", "1"} and visible == ids[0] for ids, visible in on_gpus), on_gpus
-    assert {ids[0] for ids, _ in on_gpus} <= {"0", "1"}
-    assert all(ids == [] for ids, _ in probe("ingest", "cuda"))  # not a GPU stage
-    assert all(ids == [] for ids, _ in probe("tag", "cpu"))  # a GPU stage on the CPU
+    assert all(ids == [] for ids, _ in ingest)  # not a GPU stage
+    assert all(ids == [] for ids, _ in tag_cpu)  # a GPU stage on the CPU
+    # Cache has no device of its own: runtime.device decides.
+    assert all(len(ids) == 1 and visible == ids[0] for ids, visible in cache_cuda), cache_cuda
+    assert all(ids == [] for ids, _ in cache_cpu)
