@@ -36,7 +36,12 @@ import fsspec
 
 from data_contracts.errors import ContractError, StageError
 from data_contracts.fingerprint import sha256_file
-from data_contracts.manifest import MANIFEST_NAME, FileEntry, StageManifest, parse_manifest
+from data_contracts.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    StageManifest,
+    parse_manifest,
+)
 
 M = TypeVar("M", bound=StageManifest)
 CURRENT_NAME = "CURRENT"
@@ -346,10 +351,12 @@ class ArtifactStore:
         if not self.is_local:
             self.fs.put_file(str(self.work_dir(stage, fingerprint) / rel), self._join(stage, WORK_DIR, fingerprint, rel))
 
-    def work_get(self, stage: str, fingerprint: str, rel: str) -> Path | None:
-        """A file of the work folder, downloaded when another machine published it; None when nobody has."""
+    def work_get(self, stage: str, fingerprint: str, rel: str, refresh: bool = False) -> Path | None:
+        """A file of the work folder, downloaded when another machine published it; None when nobody has.
+        refresh: download the published copy even when a local one exists (a local copy may be a killed
+        run's partial file that another machine has since finished); the local one stays if none is published."""
         local = self.work_dir(stage, fingerprint) / rel
-        if local.is_file() or self.is_local:
+        if (local.is_file() and not refresh) or self.is_local:
             return local if local.is_file() else None
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
@@ -357,7 +364,7 @@ class ArtifactStore:
             self.fs.get_file(self._join(stage, WORK_DIR, fingerprint, rel), str(tmp))
             _move_into(tmp, local)
         except FileNotFoundError:
-            return None
+            return local if local.is_file() else None
         finally:
             tmp.unlink(missing_ok=True)
         return local

@@ -1,6 +1,8 @@
 """The Prefect flow `fm`: runs the requested stages in DAG order, each as a task with its own state."""
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,17 @@ def _outcome_summary(stage: str, outcome: StageOutcome, shards: list[dict[str, A
 
 
 def _store(cfg: PipelineConfig) -> ArtifactStore:
-    return ArtifactStore.for_config(cfg)
+    """One store per object-store root in a process: a worker running many shards lists the pool once."""
+    runtime = cfg.runtime
+    if "://" not in str(cfg.data_root) or str(cfg.data_root).startswith("file://"):
+        return ArtifactStore.for_config(cfg)
+    return _store_for(cfg.data_root, str(runtime.cache_dir),
+                      json.dumps(getattr(runtime, "storage_options", None) or {}, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _store_for(data_root: str, cache_dir: str, storage_options: str) -> ArtifactStore:
+    return ArtifactStore(data_root, cache_dir, json.loads(storage_options) or None)
 
 
 def _publish(stage: str, cfg: PipelineConfig, outcome: StageOutcome) -> None:
@@ -196,6 +208,7 @@ def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
 def shard_task(stage: str, cfg: PipelineConfig, fingerprint: str, shard: dict[str, Any]) -> dict[str, Any]:
     """One shard of a stage, on whichever worker the task runner picks (idempotent, so retried safely)."""
     install_redaction()
+    load_prefect_secrets(cfg)  # a worker on another machine: credentials from Secret blocks, as the flow has
     spec = stage_spec(stage)
     prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
     return spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]

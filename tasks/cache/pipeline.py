@@ -316,6 +316,7 @@ class WorkerJob:
     threads: int
     device: str = "cuda"  # "cuda": participant r uses GPU r; "cpu": every participant on the CPU
     compile_min_images: int = 0
+    bucket_rows: dict | None = None  # rows per bucket over the whole stage (compile choices)
 
 
 def load_vae(model: str, cache_dir: Path):
@@ -342,7 +343,7 @@ def _run_participant(rank: int, job: WorkerJob, samples: pa.Table, vae: torch.nn
                         batch_size=job.batch_size, compile=job.compile, store_std=job.store_std,
                         work=Path(job.work), journal=Path(job.work) / f"_journal-{rank}.jsonl",
                         threads=job.threads, on_chunk=on_chunk, compile_min_images=job.compile_min_images,
-                        claim=lambda i: claim(claims, i))
+                        claim=lambda i: claim(claims, i), bucket_rows=job.bucket_rows or bucket_sizes(job.plans))
 
 
 def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
@@ -385,7 +386,8 @@ def _journal_stats(journal: Path) -> LoopStats:
 def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: Path, model: str, cache_dir: Path,
                 backend: Backend, batch_size: int, compile: bool, store_std: bool, threads: int,
                 device: str = "cuda", compile_min_images: int = 0, vae: torch.nn.Module | None = None,
-                on_chunk: ChunkDone | None = None) -> LoopStats:
+                on_chunk: ChunkDone | None = None,
+                bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
     """Every device takes part: this process on the first (it has its VAE already, so it starts at once),
     one spawned process on each other. Plans are ordered largest first and each participant claims the
     next free one as its reading reaches it, so a device that starts late (a spawned process imports
@@ -404,7 +406,7 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
     result_dir.mkdir(exist_ok=True)
     order = sorted(plans, key=lambda p: -(p.stop - p.start))
     job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), backend, batch_size, compile,
-                    store_std, str(work), max(1, threads // gpus), device, compile_min_images)
+                    store_std, str(work), max(1, threads // gpus), device, compile_min_images, bucket_rows)
     workers = mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus - 1, join=False,
                                  start_method="spawn")
     try:

@@ -46,8 +46,17 @@ def _journal_rel(k: int) -> str:
 
 
 def _entry(ctx: StageContext, k: int, plan_path: str, key: str) -> dict | None:
-    """Shard k's journal entry when its chunk is written (both fetched when another machine wrote them)."""
-    journal = ctx.store.work_get(ctx.stage, ctx.fingerprint, _journal_rel(k))
+    """Shard k's journal entry when its chunk is written (both fetched when another machine wrote them;
+    fetched again when the local copies are a killed run's leftovers that another machine has finished)."""
+    for refresh in (False, True) if not ctx.store.is_local else (False,):
+        entry = _read_entry(ctx, k, plan_path, key, refresh)
+        if entry is not None:
+            return entry
+    return None
+
+
+def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bool) -> dict | None:
+    journal = ctx.store.work_get(ctx.stage, ctx.fingerprint, _journal_rel(k), refresh=refresh)
     if journal is None:
         return None
     for line in journal.read_text().splitlines():
@@ -57,7 +66,7 @@ def _entry(ctx: StageContext, k: int, plan_path: str, key: str) -> dict | None:
             continue  # cut by a kill
         if entry.get("path") != plan_path or entry.get("key") != key:
             continue
-        if entry["rows"] and ctx.store.work_get(ctx.stage, ctx.fingerprint, plan_path) is None:
+        if entry["rows"] and ctx.store.work_get(ctx.stage, ctx.fingerprint, plan_path, refresh=refresh) is None:
             return None
         chunk = ctx.work / plan_path
         if entry["rows"] == 0 or (chunk.is_file() and chunk.stat().st_size == entry["bytes"]):
@@ -70,7 +79,9 @@ def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
     if not sharded(ctx.cfg):
         return []
     planned = plan_samples(ctx)
-    pq.write_table(planned.samples, ctx.work / SAMPLES)
+    tmp = ctx.work / f".{SAMPLES}.tmp"
+    pq.write_table(planned.samples, tmp)
+    os.replace(tmp, ctx.work / SAMPLES)  # a kill mid-write leaves no half file under the name shards read
     ctx.store.work_put(ctx.stage, ctx.fingerprint, SAMPLES)
     done = read_journal(ctx.work)
     shards = [{"index": k, "path": p.path, "key": p.key, "rows": p.stop - p.start}
@@ -116,6 +127,7 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     k = int(shard["index"])
     entry = _entry(ctx, k, shard["path"], shard["key"])
     if entry is not None:
+        _publish(ctx, k, entry)  # a kill may have come between the journal line and its upload
         return _summary(k, entry, started, None, "")
     samples, plans, encoder = _worker_state(ctx)
     if k >= len(plans) or plans[k].key != shard["key"] or plans[k].path != shard["path"]:
@@ -134,11 +146,15 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     entry = _entry(ctx, k, plan.path, plan.key)
     if entry is None:
         raise StageError(f"cache shard {k}: {plan.path} was not journalled")
-    if entry["rows"]:
-        ctx.store.work_put(ctx.stage, ctx.fingerprint, plan.path)
-    ctx.store.work_put(ctx.stage, ctx.fingerprint, _journal_rel(k))  # the journal last: it marks the chunk done
+    _publish(ctx, k, entry)
     ctx.log.info("cache: shard %d: %s, %d rows, %d rejected", k, plan.path, entry["rows"], len(entry["rejects"]))
     return _summary(k, entry, started, stats, str(encoder.device))
+
+
+def _publish(ctx: StageContext, k: int, entry: dict) -> None:
+    if entry["rows"]:
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, entry["path"])
+    ctx.store.work_put(ctx.stage, ctx.fingerprint, _journal_rel(k))  # the journal last: it marks the chunk done
 
 
 def fetch_published(ctx: StageContext, plans: list[ChunkPlan]) -> None:

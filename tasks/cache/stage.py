@@ -29,7 +29,7 @@ from tasks.cache import shards
 from tasks.cache.chunks import clean_temp, is_done, read_journal
 from tasks.cache.encode import resolve_device
 from tasks.cache.inputs import localize
-from tasks.cache.pipeline import LoopStats, cache_chunks, load_vae, run_sharded
+from tasks.cache.pipeline import LoopStats, bucket_sizes, cache_chunks, load_vae, run_sharded
 from tasks.cache.planning import fingerprint_extra, plan_samples
 from tasks.cache.visuals import (
     decode_check,
@@ -102,12 +102,14 @@ def build(ctx: StageContext) -> StageResult:
         loop = run_sharded(samples, todo, gpus=gpus, work=ctx.work, model=cfg.model, cache_dir=cache_dir,
                            backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
                            store_std=cfg.store_std, threads=runtime.max_workers,
-                           compile_min_images=cfg.compile_min_images, vae=vae, on_chunk=on_chunk)
+                           compile_min_images=cfg.compile_min_images, vae=vae, on_chunk=on_chunk,
+                           bucket_rows=bucket_sizes(plans))
     elif todo:
         loop = cache_chunks(samples, todo, vae, device=device, backend=backend, batch_size=cfg.batch_size,
                             compile=cfg.compile, store_std=cfg.store_std, work=ctx.work,
                             journal=ctx.work / "_journal-0.jsonl", threads=max(1, runtime.max_workers),
-                            on_chunk=on_chunk, compile_min_images=cfg.compile_min_images)
+                            on_chunk=on_chunk, compile_min_images=cfg.compile_min_images,
+                            bucket_rows=bucket_sizes(plans))  # compile choices as in an uninterrupted run
 
     if shards.sharded(ctx.cfg):
         loop = shards.merge_stats(ctx.shard_results, loop)

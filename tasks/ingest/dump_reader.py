@@ -31,8 +31,15 @@ import pyarrow.parquet as pq
 
 from data_contracts.errors import ConfigError
 from pipeline_config.ingest import DumpConfig, IngestConfig
-from tasks.ingest.download import (Outcome, clean_incoming, commit_to_pool, image_relpath, outcome_json, pool_has,
-                                   temp_path)
+from tasks.ingest.download import (
+    Outcome,
+    clean_incoming,
+    commit_to_pool,
+    image_relpath,
+    outcome_json,
+    pool_has,
+    temp_path,
+)
 from tasks.ingest.filters import PostFilter
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.parse import Post, parse_post
@@ -98,9 +105,9 @@ def iter_records(files: list[Path]) -> Iterator[Any]:
 
 def compile_queries(tags_list: list[str]) -> list[Callable[[Post, Mapping[str, Any]], bool]]:
     """Danbooru tag-search semantics (the local server's parser), applied to parsed posts."""
-    from tasks.ingest.minibooru.server import parse_tags
-
     import fnmatch
+
+    from tasks.ingest.minibooru.server import parse_tags
 
     matchers = []
     for text in tags_list:
@@ -295,10 +302,11 @@ def import_posts(images: FolderImages | TarImages, posts: list[Post], pool: Path
 
 
 def import_dump_files(cfg: IngestConfig, posts: list[Post], pool: Path, record: Callable[[dict[str, Any]], None], *,
-                      workers: int) -> dict[str, Any]:
-    """The file half of a sharded dump import: verify and pool these posts' files (one download shard)."""
-    _, root = metadata_files(cfg.dump)
-    images = image_source(cfg.dump, root)
+                      workers: int, images: FolderImages | TarImages | None = None) -> dict[str, Any]:
+    """The file half of a sharded dump import: verify and pool these posts' files (one download shard).
+    `images`: the dump's image source when the caller keeps one across shards (a tar index is built once)."""
+    if images is None:
+        images = image_source(cfg.dump, metadata_files(cfg.dump)[1])
     clean_incoming(pool)
     stats: dict[str, Any] = {"imported": 0, "cached": 0, "bytes": 0}
     with ThreadPoolExecutor(workers, thread_name_prefix="ingest-dump") as executor:

@@ -53,6 +53,11 @@ class Journal:
         if sync:
             os.fsync(self._fh.fileno())
 
+    def sync(self) -> None:
+        """fsync everything appended so far."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()

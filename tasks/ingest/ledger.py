@@ -46,7 +46,7 @@ class Page:
     dup_by_q: Counter = field(default_factory=Counter)
 
 
-SHARD_DOWNLOADS = "shard-{:05d}.downloads.jsonl"
+SHARD_DOWNLOADS = "shard-{}-{:05d}.downloads.jsonl"  # shard size, shard index
 
 
 def shard_download_journals(folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -35,7 +36,12 @@ from tasks.ingest.crawl import (
     run_async,
     verify_workers,
 )
-from tasks.ingest.dump_reader import import_dump, import_dump_files
+from tasks.ingest.dump_reader import (
+    image_source,
+    import_dump,
+    import_dump_files,
+    metadata_files,
+)
 from tasks.ingest.embedded import api_endpoint
 from tasks.ingest.journal import Journal
 from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, read_journal
@@ -74,19 +80,32 @@ def _credentials(cfg: IngestConfig) -> tuple[str | None, str | None]:
     return (None, None) if cfg.api.base_url == EMBEDDED_URL else resolve_credentials(cfg.api)
 
 
-def _rels(k: int) -> tuple[str, str, str]:
-    """Files of shard k relative to the work folder: post list, download journal, done mark."""
-    base = f"{JOURNAL_DIR}/shard-{k:05d}"
-    return f"{base}.posts.jsonl", f"{JOURNAL_DIR}/{SHARD_DOWNLOADS.format(k)}", f"{base}.done.json"
+def _authenticated(cfg: IngestConfig) -> bool:
+    return cfg.source == "danbooru_api" and _credentials(cfg) != (None, None)
 
 
-def _journaled(ctx: StageContext, k: int) -> dict[str, Any] | None:
-    """Shard k's summary when it is done (its journal fetched first when another machine ran it)."""
-    _, downloads_rel, done_rel = _rels(k)
-    done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel)
-    if done is None or ctx.store.work_get(ctx.stage, ctx.fingerprint, downloads_rel) is None:
-        return None
-    return json.loads(done.read_text())
+def _rels(k: int, size: int) -> tuple[str, str, str]:
+    """Files of shard k of `size` posts, relative to the work folder: post list, download journal, done mark.
+    The size is in the name: a resume with another ingest.shard_posts cuts other shards, and must not take
+    an old shard's done mark for a new one (the old journals still count: the ledger reads every one)."""
+    base = f"{JOURNAL_DIR}/shard-{size}-{k:05d}"
+    return f"{base}.posts.jsonl", f"{JOURNAL_DIR}/{SHARD_DOWNLOADS.format(size, k)}", f"{base}.done.json"
+
+
+def _journaled(ctx: StageContext, k: int, shard: dict[str, Any]) -> dict[str, Any] | None:
+    """Shard k's summary when it is done: a done mark for these very posts and an outcome for each of them
+    in its journal (fetched from the store when another machine ran it, fresh when the mark came from there)."""
+    _, downloads_rel, done_rel = _rels(k, ctx.section.shard_posts)
+    for refresh in (False, True) if not ctx.store.is_local else (False,):
+        done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel, refresh=refresh)
+        journal = done and ctx.store.work_get(ctx.stage, ctx.fingerprint, downloads_rel, refresh=refresh)
+        if done is None or journal is None:
+            continue
+        summary = json.loads(done.read_text())
+        same = all(summary.get(key) == shard[key] for key in ("first_id", "last_id", "posts"))
+        if same and len(_outcomes(journal)) >= summary["posts"]:
+            return summary
+    return None
 
 
 def crawl(ctx: StageContext) -> None:
@@ -136,14 +155,17 @@ def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
         return []
     crawl(ctx)
     shards = []
+    authenticated = _authenticated(ctx.section)
     for k, posts in _shard_posts(ctx):
-        if _journaled(ctx, k) is not None:
+        shard = {"index": k, "posts": len(posts), "first_id": posts[0].id, "last_id": posts[-1].id,
+                 "authenticated": authenticated}
+        if _journaled(ctx, k, shard) is not None:
             continue
-        posts_rel, _, _ = _rels(k)
+        posts_rel, _, _ = _rels(k, ctx.section.shard_posts)
         # The same posts every time (the finished crawl's journal, in order): rewriting is safe.
         atomic_write_text(ctx.work / posts_rel, "".join(json.dumps(p.to_json()) + "\n" for p in posts))
         ctx.store.work_put(ctx.stage, ctx.fingerprint, posts_rel)
-        shards.append({"index": k, "posts": len(posts), "first_id": posts[0].id, "last_id": posts[-1].id})
+        shards.append(shard)
     ctx.log.info("ingest: %d download shards of up to %d posts to run", len(shards), ctx.section.shard_posts)
     return shards
 
@@ -166,11 +188,16 @@ def _outcomes(path: Path) -> dict[int, bool]:
 def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     """Download + verify one shard's posts into the pool (idempotent: a done shard returns its summary)."""
     k = int(shard["index"])
-    done = _journaled(ctx, k)
-    if done is not None:
-        return done
     cfg: IngestConfig = ctx.section
-    posts_rel, downloads_rel, done_rel = _rels(k)
+    posts_rel, downloads_rel, done_rel = _rels(k, cfg.shard_posts)
+    done = _journaled(ctx, k, shard)
+    if done is not None:
+        _publish(ctx, downloads_rel, done_rel)  # a kill may have come between the done mark and its upload
+        return done
+    login, api_key = _credentials(cfg) if cfg.source == "danbooru_api" else (None, None)
+    if shard.get("authenticated") and not login:
+        raise StageError(f"ingest shard {k}: the crawl was authenticated but this worker has no credentials "
+                         f"(set {cfg.api.login_env} and {cfg.api.api_key_env} on every worker)")
     posts_file = ctx.store.work_get(ctx.stage, ctx.fingerprint, posts_rel)
     if posts_file is None:
         raise StageError(f"ingest shard {k}: its post list {posts_rel} is missing; rerun `fm run ingest`")
@@ -184,7 +211,6 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     pool.mkdir(parents=True, exist_ok=True)
     with Journal(journal_path) as journal:  # opening cuts a torn last line left by a kill
         if cfg.source == "danbooru_api":
-            login, api_key = _credentials(cfg)
             # A daemonic worker (Dask's) may not start processes of its own: decode in threads there.
             mode = "thread" if multiprocessing.current_process().daemon else None
             with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, embedded):
@@ -193,20 +219,41 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
                 stats = run_async(download_posts(cfg, base_url, todo, journal.append, pool, login=login,
                                                  api_key=api_key, log=ctx.log, verify_mode=mode))
         else:
-            stats = {"dump": import_dump_files(cfg, todo, pool, journal.append, workers=verify_workers(cfg))}
+            stats = {"dump": import_dump_files(cfg, todo, pool, journal.append, workers=verify_workers(cfg),
+                                               images=_dump_images(cfg))}
+        journal.sync()  # every outcome on disk before the done mark (a power loss must not keep the mark only)
     outcomes = _outcomes(journal_path)
     missing = [p.id for p in posts if p.id not in outcomes]
     if missing:
         raise StageError(f"ingest shard {k}: no outcome recorded for posts {missing[:5]}")
-    summary = {"index": k, "posts": len(posts), "ok": sum(outcomes.values()),
-               "failed": len(outcomes) - sum(outcomes.values()), "first_id": shard["first_id"],
+    summary = {"index": k, "posts": len(posts), "ok": sum(outcomes[p.id] for p in posts),
+               "failed": sum(not outcomes[p.id] for p in posts), "first_id": shard["first_id"],
                "last_id": shard["last_id"], "resumed": len(posts) - len(todo), "run": stats,
                "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (for people)
     atomic_write_text(ctx.work / done_rel, json.dumps(summary))
-    for rel in (downloads_rel, done_rel):  # the done mark last
-        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
+    _publish(ctx, downloads_rel, done_rel)
     ctx.log.info("ingest: shard %d: %d ok, %d failed", k, summary["ok"], summary["failed"])
     return summary
+
+
+def _publish(ctx: StageContext, downloads_rel: str, done_rel: str) -> None:
+    for rel in (downloads_rel, done_rel):  # the done mark last
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
+
+
+# A worker runs many shards of one dump: index its tar files once per process, not once per shard.
+_IMAGES_LOCK = threading.Lock()
+_IMAGES: dict[tuple, Any] = {}
+
+
+def _dump_images(cfg: IngestConfig):
+    key = (cfg.dump.posts_path, cfg.dump.images_path)
+    with _IMAGES_LOCK:
+        if key not in _IMAGES:
+            _, root = metadata_files(cfg.dump)
+            _IMAGES.clear()
+            _IMAGES[key] = image_source(cfg.dump, root)
+        return _IMAGES[key]
 
 
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -225,11 +272,17 @@ def complete(ctx: StageContext) -> dict[str, Any]:
     shard's journal in the work folder. Returns the run's figures for the report."""
     crawl(ctx)
     summaries = {int(s["index"]): s for s in ctx.shard_results}
+    authenticated = _authenticated(ctx.section)
     for k, posts in _shard_posts(ctx):
-        summary = _journaled(ctx, k)
+        shard = {"index": k, "posts": len(posts), "first_id": posts[0].id, "last_id": posts[-1].id,
+                 "authenticated": authenticated}
+        summary = _journaled(ctx, k, shard)
         if summary is None:
-            ctx.log.info("ingest: shard %d was not run by a worker; running it here", k)
-            summary = run_shard(ctx, {"index": k, "first_id": posts[0].id, "last_id": posts[-1].id})
+            ctx.log.info("ingest: shard %d was not finished by a worker; running it here", k)
+            posts_rel, _, _ = _rels(k, ctx.section.shard_posts)
+            if ctx.store.work_get(ctx.stage, ctx.fingerprint, posts_rel) is None:
+                atomic_write_text(ctx.work / posts_rel, "".join(json.dumps(p.to_json()) + "\n" for p in posts))
+            summary = run_shard(ctx, shard)
         summaries[k] = summary
     stats_file = ctx.work / CRAWL_STATS
     crawl_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}

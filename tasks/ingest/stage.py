@@ -123,10 +123,11 @@ def make_pictures(ctx: StageContext, reject_images: dict[int, str]) -> tuple[dic
 
     def rejects_sheet() -> dict[str, str]:
         rejects = read_table(ctx.work / "rejects.parquet", REJECTS, columns=["id", "reason", "detail"])
-        if not ctx.store.is_local:  # files pooled by another machine (a shard's worker): fetch those the pool has
-            ctx.store.pool_fetch([rel for rel in reject_images.values() if ctx.store.pool_size(rel) is not None])
-        in_pool = {i: rel for i, rel in reject_images.items() if (pool / rel).is_file()}
-        return make_rejects_sheet(rejects, pool, ctx.work, in_pool, seed=seed, max_items=MAX_ITEMS)
+        if ctx.store.is_local:
+            return make_rejects_sheet(rejects, pool, ctx.work, reject_images, seed=seed, max_items=MAX_ITEMS)
+        # Object storage: a shard's worker may have pooled the files; ask the store, fetch only those shown.
+        return make_rejects_sheet(rejects, pool, ctx.work, reject_images, seed=seed, max_items=MAX_ITEMS,
+                                  exists=lambda rel: ctx.store.pool_size(rel) is not None, fetch=ctx.store.pool_fetch)
 
     return draw_pictures(ctx, {
         "character": lambda: make_character_sheets(posts(), pool, ctx.work, seed=seed, max_items=MAX_ITEMS,

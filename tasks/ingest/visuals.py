@@ -94,33 +94,37 @@ def make_rejects_sheet(
     max_items: int = 24,
     per_reason: int = 6,
     thumb: int = THUMB,
+    exists: Callable[[str], bool] | None = None,
+    fetch: Callable[[list[str]], object] | None = None,
 ) -> dict[str, str]:
     """One sheet of rejected posts whose image exists, grouped by reason (up to `per_reason` each).
 
     The rejects table holds no file path: `image_paths` maps a rejected post id to its pool-relative
     path (`images/<md5[:2]>/<md5>.<ext>`, known for posts whose metadata was read); ids without a
-    file in the pool are left out. Returns {} when no rejected post has an image.
+    file in the pool are left out. Returns {} when no rejected post has an image. On object storage
+    `exists(rel)` answers from the store's pool and `fetch(rels)` makes only the shown files local.
     """
     if rejects.num_rows == 0 or not image_paths:
         return {}
+    exists = exists or (lambda rel: (Path(pool) / rel).is_file())
     ids = rejects.column("id").to_numpy()
     reasons = rejects.column("reason").to_pylist()
     details = rejects.column("detail").to_pylist()
     have = np.array([i for i in range(len(ids)) if image_paths.get(int(ids[i]))
-                     and (Path(pool) / image_paths[int(ids[i])]).is_file()], dtype=np.int64)
+                     and exists(image_paths[int(ids[i])])], dtype=np.int64)
     if len(have) == 0:
         return {}
-    tiles: list[Tile] = []
     by_reason: dict[str, list[int]] = {}
     for i in have:
         by_reason.setdefault(reasons[i], []).append(int(i))
+    shown: list[int] = []
     for reason in sorted(by_reason, key=lambda r: (-len(by_reason[r]), r)):
         rows = np.asarray(by_reason[reason], dtype=np.int64)
-        for i in rows[pick(ids[rows], per_reason, seed)]:
-            if len(tiles) >= max_items:
-                break
-            tiles.append(Tile(thumbnail(Path(pool) / image_paths[int(ids[i])], thumb),
-                              [Line(reason, RED), f"#{ids[i]}", Line(details[i] or "", MUTED)]))
+        shown += [int(i) for i in rows[pick(ids[rows], per_reason, seed)]][:max(0, max_items - len(shown))]
+    if fetch is not None:
+        fetch([image_paths[int(ids[i])] for i in shown])
+    tiles = [Tile(thumbnail(Path(pool) / image_paths[int(ids[i])], thumb),
+                  [Line(reasons[i], RED), f"#{ids[i]}", Line(details[i] or "", MUTED)]) for i in shown]
     title = (f"ingest rejects with an image: {len(tiles)} shown of {len(have)} "
              f"({len(rejects)} rejects in all), grouped by reason")
     sheet = contact_sheet(tiles, title, thumb=thumb, caption_rows=4)

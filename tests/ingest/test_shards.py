@@ -33,7 +33,7 @@ def _sharded_cfg(root: Path, url: str, **ingest):
 
 def _kill_mid_shard(work: Path, k: int, keep: int) -> None:
     """What a kill -9 inside shard k leaves: `keep` outcomes journalled, a torn record, no done mark."""
-    _, downloads_rel, done_rel = shards._rels(k)
+    _, downloads_rel, done_rel = shards._rels(k, 16)
     journal = work / downloads_rel
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:keep]) + b'{"id": 12, "md5": "ab')
@@ -59,7 +59,7 @@ def test_sharded_api_ingest_equals_one_process_and_resumes_a_killed_shard(minibo
     second = SPEC.run_shard(ctx, planned[1])
     assert first["posts"] == first["ok"] + first["failed"] == 16 and first["resumed"] == 0
     assert SPEC.run_shard(ctx, planned[0]) == first  # a done shard is not run again
-    pooled = [int(json.loads(line)["id"]) for line in (ctx.work / shards._rels(1)[1]).read_text().splitlines()
+    pooled = [int(json.loads(line)["id"]) for line in (ctx.work / shards._rels(1, 16)[1]).read_text().splitlines()
               if json.loads(line)["ok"]]
     _kill_mid_shard(ctx.work, 1, keep=5)
     hits_before = dict(minibooru_server.stats.file_hits)
@@ -109,8 +109,34 @@ def test_a_shard_planned_on_another_crawl_is_refused(minibooru_server, tmp_path)
     planned = plan_shards(prepared)
     with pytest.raises(StageError, match="does not match the crawl"):
         SPEC.run_shard(prepared.ctx, {**planned[0], "first_id": planned[0]["first_id"] + 10**6})
-    posts_rel, _, _ = shards._rels(planned[1]["index"])
+    posts_rel, _, _ = shards._rels(planned[1]["index"], 16)
     (prepared.ctx.work / posts_rel).unlink()
     with pytest.raises(StageError, match="post list .* is missing"):
         SPEC.run_shard(prepared.ctx, planned[1])
     assert json.loads((prepared.ctx.work / shards.CRAWL_STATS).read_text())["http"]["requests"] > 0
+
+
+def test_a_resume_with_other_shards_or_a_cut_journal_loses_no_post(minibooru_server, tmp_path):
+    """A done mark counts only for the very posts it names, and only with an outcome for each in its journal:
+    a resume with another ingest.shard_posts, or a journal that lost its tail (power loss) under an intact
+    mark, runs those posts again instead of writing them off as not_downloaded."""
+    ref, _ = run(make_cfg(tmp_path / "ref", minibooru_server.url, **INGEST))
+    cfg = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=16)
+    store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
+    prepared = prepare_stage(SPEC, cfg, store)
+    planned = plan_shards(prepared)
+    SPEC.run_shard(prepared.ctx, planned[0])
+    SPEC.run_shard(prepared.ctx, planned[1])
+    journal = prepared.ctx.work / shards._rels(1, 16)[1]
+    journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:4]))  # the mark survives
+    assert [s["index"] for s in plan_shards(prepare_stage(SPEC, cfg, store))][:1] == [1]
+
+    wider = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=32)
+    prepared = prepare_stage(SPEC, wider, store)
+    replanned = plan_shards(prepared)
+    assert replanned[0]["index"] == 0 and replanned[0]["posts"] == 32  # shard-16-0's mark does not count
+    done = SPEC.run_shard(prepared.ctx, replanned[0])
+    # The old shards had pooled every good file of these 32 posts: none is fetched again.
+    assert done["resumed"] == 0 and done["run"]["downloads"]["cached"] == done["ok"] > 0
+    out = finish_stage(prepared, [done])
+    assert _tables(out.output_path) == _tables(ref.output_path)

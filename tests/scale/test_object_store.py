@@ -173,7 +173,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
         return finish_stage(prepared, results)
 
     ingest = on_two_machines("ingest")
-    # The files went to the S3 pool from the worker's copy; this machine fetched only the pictures' files.
+    # The files went to the S3 pool from the worker's copy; this machine fetched the pictures' files from there.
     pool_files = lambda cache: {p.name for p in (cache / "pool").rglob("*.*") if ".incoming" not in p.parts}  # noqa: E731
     assert len(pool_files(tmp_path / "worker-cache")) >= ingest.manifest.row_counts["posts"]
     assert 0 < len(pool_files(tmp_path / "cache")) <= ingest.manifest.row_counts["posts"]
