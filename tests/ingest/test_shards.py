@@ -140,3 +140,71 @@ def test_a_resume_with_other_shards_or_a_cut_journal_loses_no_post(minibooru_ser
     assert done["resumed"] == 0 and done["run"]["downloads"]["cached"] == done["ok"] > 0
     out = finish_stage(prepared, [done])
     assert _tables(out.output_path) == _tables(ref.output_path)
+
+
+SHARD_CHILD = """
+import json, sys
+from data_contracts.store import ArtifactStore
+from pipeline_config.load import load_config
+from tasks.common.stage import reopen_stage
+from tasks.ingest.stage import SPEC
+cfg = load_config(json.loads(sys.argv[1]))
+store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
+ctx = reopen_stage(SPEC, cfg, store, sys.argv[2]).ctx
+print(json.dumps(SPEC.run_shard(ctx, json.loads(sys.argv[3]))), flush=True)
+"""
+
+
+def test_kill_9_of_a_worker_mid_shard_then_the_retry_finishes_it(minibooru, minibooru_server, tmp_path):
+    """A real worker process killed while its shard downloads (slowed server): the retry fetches only what
+    the kill left unfinished, and the merged tables equal the one-process crawl's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.ingest.test_resume import REPO, _pool_images
+
+    ref, _ = run(make_cfg(tmp_path / "ref", minibooru_server.url, **INGEST))
+    cfg = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=40)
+    cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"verify": cfg.ingest.verify.model_copy(
+        update={"mode": "process"})})})
+    store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
+    prepared = prepare_stage(SPEC, cfg, store)
+    planned = plan_shards(prepared)
+    minibooru_server.reset_stats()
+    minibooru_server.faults.slow_ids = {r["id"] for r in minibooru.load_posts()}
+    minibooru_server.faults.delay_s = 0.08
+    root = Path(cfg.data_root)
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", SHARD_CHILD, cfg.model_dump_json(), prepared.ctx.fingerprint,
+                                 json.dumps(planned[0])], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    proc = start()
+    deadline = time.monotonic() + 60
+    while len(_pool_images(root)) < 10:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the shard did not get to its downloads"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    pooled_at_kill = {p.split("/")[-1].split(".")[0] for p in _pool_images(root)}
+    hits_at_kill = dict(minibooru_server.stats.file_hits)
+    assert 10 <= len(pooled_at_kill) < planned[0]["posts"]
+
+    proc = start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    # Outcomes journalled before the kill are kept; files pooled in flight (not yet journalled) are not refetched.
+    assert summary["ok"] + summary["failed"] == planned[0]["posts"]
+    assert summary["resumed"] >= 10 - cfg.ingest.api.concurrency
+    id_of = {r["md5"]: r["id"] for r in minibooru.load_posts() if r.get("md5")}
+    hits = minibooru_server.stats.file_hits
+    assert all(hits[id_of[md5]] == hits_at_kill[id_of[md5]] for md5 in pooled_at_kill)  # none fetched again
+    minibooru_server.faults.slow_ids = set()
+    out_stage = finish_stage(prepared, [summary])
+    assert _tables(out_stage.output_path) == _tables(ref.output_path)
