@@ -55,8 +55,8 @@ def free_port() -> int:
 
 def cpu_threads_per_process(num_processes: int) -> int:
     """OpenMP/intra-op threads for each training process: OMP_NUM_THREADS when the user set it, else this
-    host's cores shared out. `accelerate launch` on GPUs otherwise sets 1; on 2 H200s the compiled DDP step
-    ran at 62.9% scaling with 1 thread a process and 97.0% with 8 (BENCHMARKS.md)."""
+    host's cores shared out, so data loading and the optimizer's host work are not held to accelerate's 1 thread.
+    The compiled DDP step scaled at 94.6-97.0% with cores / processes and 93.4-97.1% with 1 on 2 H200s (BENCHMARKS.md)."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
