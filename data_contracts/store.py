@@ -13,7 +13,9 @@ last, and an output folder without a manifest is removed before it is written ag
 Object storage (any fsspec URL that is not a local path, e.g. s3://bucket/prefix):
 - a stage works in a local folder under `<local_cache>/work/<root slug>/`; files that other machines must
   see before the commit (the journal of a sharded stage) are published with `work_put` to
-  `<root>/<stage>/_work/<fp>/` and read back with `work_get`;
+  `<root>/<stage>/_work/<fp>/` and read back with `work_get`; large published files (a sharded cache's
+  chunks) need not come back at all: `commit(published=...)` copies them into the output on the store
+  (server-side) with the size and sha256 their writer recorded;
 - the pool lives on the store; `pool_dir()` is this machine's local mirror of it. Writers publish with
   `pool_put`, readers make files local with `pool_fetch` / `pool_get` (downloaded once, checked by size);
 - outputs are read through a local download cache (`path`), verified against the manifest.
@@ -29,8 +31,8 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import fsspec
 
@@ -369,6 +371,18 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
         return local
 
+    def work_published_size(self, stage: str, fingerprint: str, rel: str) -> int | None:
+        """The size of a file another machine published to the work folder, without downloading it;
+        None on a local root (nothing is published there) or when nobody has published it."""
+        if self.is_local:
+            return None
+        path = self._join(stage, WORK_DIR, fingerprint, rel)
+        self.fs.invalidate_cache(path)  # a listing cached before the other machine's upload would say "missing"
+        try:
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
+
     def _rm_remote(self, path: str) -> None:
         try:
             if self.fs.exists(path):
@@ -376,9 +390,19 @@ class ArtifactStore:
         except FileNotFoundError:
             pass
 
-    def commit(self, manifest: M, work: Path) -> M:
-        """List every file with size + sha256, write the manifest last, publish atomically."""
-        manifest.files = list_files(work)
+    def commit(self, manifest: M, work: Path, published: Sequence[FileEntry] = ()) -> M:
+        """List every file with size + sha256, write the manifest last, publish atomically.
+
+        published: files of the output that exist only in the store's work folder (other machines
+        published them with `work_put`; their writer recorded size and sha256). They are copied into the
+        output on the store without passing through this machine. Object storage only."""
+        local = list_files(work)
+        have = {e.path for e in local}
+        elsewhere = [e for e in published if e.path not in have]
+        if elsewhere and self.is_local:
+            raise StageError(f"{manifest.stage}: {len(elsewhere)} output file(s) are neither in {work} nor published "
+                             f"(e.g. {elsewhere[0].path}); rerun the stage to write them")
+        manifest.files = sorted(local + elsewhere, key=lambda e: PurePosixPath(e.path))
         stage, fp = manifest.stage, manifest.fingerprint
         if self.is_local:
             atomic_write_text(work / MANIFEST_NAME, manifest.to_json())
@@ -393,9 +417,11 @@ class ArtifactStore:
         else:
             final = self._join(stage, fp)
             self._rm_remote(final)
-            if manifest.files:
-                self.fs.put([str(work / e.path) for e in manifest.files],
-                            [f"{final}/{e.path}" for e in manifest.files])
+            if local:
+                self.fs.put([str(work / e.path) for e in local], [f"{final}/{e.path}" for e in local])
+            if elsewhere:  # server-side copies (S3 CopyObject, GCS rewrite): no download, no second upload
+                work_remote = self._join(stage, WORK_DIR, fp)
+                self.fs.copy([f"{work_remote}/{e.path}" for e in elsewhere], [f"{final}/{e.path}" for e in elsewhere])
             self._write_small(f"{final}/{MANIFEST_NAME}", manifest.to_json())  # last: now it is complete
             shutil.rmtree(work, ignore_errors=True)
             self._rm_remote(self._join(stage, WORK_DIR, fp))

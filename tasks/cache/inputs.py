@@ -93,9 +93,12 @@ def load_samples(store: ArtifactStore, upstream: dict[str, StageManifest], cfg: 
 
 
 def localize(store: ArtifactStore, samples: pa.Table) -> pa.Table:
-    """The samples with pool-relative image paths made absolute local ones. On object storage this
-    downloads the images not yet in this machine's pool copy (a no-op on a local root)."""
+    """The samples with pool-relative image paths made absolute local ones (the relative ones kept in
+    `image_rel`). On object storage this downloads the images not yet in this machine's pool copy."""
     rels = samples.column("image").to_pylist()
     pool = store.pool_fetch(rels)
     index = samples.column_names.index("image")
-    return samples.set_column(index, "image", pa.array([str(Path(pool) / rel) for rel in rels], pa.string()))
+    local = samples.set_column(index, "image", pa.array([str(Path(pool) / rel) for rel in rels], pa.string()))
+    if "image_rel" in local.column_names:
+        return local
+    return local.append_column("image_rel", pa.array(rels, pa.string()))  # rejects name the image by it

@@ -83,6 +83,15 @@ def geometry(cols: dict, i: int) -> Geometry:
                     bool(cols["flip"][i]))
 
 
+def _rejected(cols: dict, r: int, exc: ImageError) -> dict:
+    """A rejects row naming the image by its pool-relative path when the samples carry it (`image_rel`, set by
+    inputs.localize), so the rejects table is the same whichever machine or cache folder read the image."""
+    detail = exc.detail
+    if "image_rel" in cols:
+        detail = detail.replace(cols["image"][r], cols["image_rel"][r])
+    return {"id": int(cols["id"][r]), "reason": exc.reason, "detail": detail}
+
+
 def _load_pil_batch(cols: dict, rows: np.ndarray, pin: bool = False) -> tuple[np.ndarray, object, list[dict]]:
     ok, arrays, rejects = [], [], []
     for r in rows:
@@ -90,7 +99,7 @@ def _load_pil_batch(cols: dict, rows: np.ndarray, pin: bool = False) -> tuple[np
             arrays.append(load_pil(cols["image"][r], geometry(cols, r)))
             ok.append(r)
         except ImageError as exc:
-            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+            rejects.append(_rejected(cols, r, exc))
     if not arrays:
         return np.asarray(ok, np.int64), None, rejects
     batch = torch.from_numpy(np.stack(arrays))  # uint8 [n, h, w, 3]: 4x less to upload than floats
@@ -106,7 +115,7 @@ def _prepare_batch(cols: dict, rows: np.ndarray, cpu_jpeg: bool = False, pin: bo
             items.append(item.pin_memory() if pin and isinstance(item, torch.Tensor) else item)
             ok.append(r)
         except ImageError as exc:
-            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+            rejects.append(_rejected(cols, r, exc))
     return np.asarray(ok, np.int64), items, rejects
 
 
@@ -127,7 +136,7 @@ def _to_pixels(backend: Backend, cols: dict, ok: np.ndarray, payload, device: to
             pixels.append(crop_tensor(img, geometry(cols, r), cols["image"][r]))
             keep.append(r)
         except ImageError as exc:
-            rejects.append({"id": int(cols["id"][r]), "reason": exc.reason, "detail": exc.detail})
+            rejects.append(_rejected(cols, r, exc))
     if not pixels:
         return np.asarray(keep, np.int64), None, rejects
     return np.asarray(keep, np.int64), torch.stack(pixels), rejects

@@ -5,7 +5,8 @@ machine can use them) to `_shard-samples.parquet` in the work folder; each shard
 one bucket), largest first. `run_shard` re-derives the plans from those samples (it refuses a shard planned on
 other samples), brings the chunk's images into its machine's pool copy, encodes them on the worker's device
 with a VAE loaded once per worker process, writes the chunk and journals it in `_journal-s<k>.jsonl`; on
-object storage both are published for the merge (chunk first, journal last). Under Ray each shard task gets
+object storage both are published for the merge (chunk first, journal last); the merge reads the journals
+and commits the published chunks by a copy on the store, never downloading them. Under Ray each shard task gets
 one GPU (`runtime.device: cuda`); under Dask give each worker one GPU (dask-cuda's LocalCUDACluster does).
 The merge (the stage's build) fetches every journal and writes any chunk no worker did. Under the thread
 runner the stage is one task: this process plus one process per further local GPU (pipeline.run_sharded).
@@ -66,10 +67,12 @@ def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bo
             continue  # cut by a kill
         if entry.get("path") != plan_path or entry.get("key") != key:
             continue
-        if entry["rows"] and ctx.store.work_get(ctx.stage, ctx.fingerprint, plan_path, refresh=refresh) is None:
-            return None
         chunk = ctx.work / plan_path
         if entry["rows"] == 0 or (chunk.is_file() and chunk.stat().st_size == entry["bytes"]):
+            return entry
+        # Written on another machine: the published copy is checked by size and never downloaded (the
+        # commit copies it on the store; the decoded-latents sheet reads a few rows of it in place).
+        if ctx.store.work_published_size(ctx.stage, ctx.fingerprint, plan_path) == entry["bytes"]:
             return entry
     return None
 
@@ -152,15 +155,21 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
 
 
 def _publish(ctx: StageContext, k: int, entry: dict) -> None:
-    if entry["rows"]:
+    if entry["rows"] and (ctx.work / entry["path"]).is_file() and \
+            ctx.store.work_published_size(ctx.stage, ctx.fingerprint, entry["path"]) != entry["bytes"]:
         ctx.store.work_put(ctx.stage, ctx.fingerprint, entry["path"])
     ctx.store.work_put(ctx.stage, ctx.fingerprint, _journal_rel(k))  # the journal last: it marks the chunk done
 
 
-def fetch_published(ctx: StageContext, plans: list[ChunkPlan]) -> None:
-    """Bring every shard's journal and chunk into the work folder (a no-op on a local root)."""
+def published_entries(ctx: StageContext, plans: list[ChunkPlan]) -> dict[str, dict]:
+    """path -> journal entry of every chunk a shard has written, here or on another machine (journals
+    are fetched; chunks stay where they are: in this work folder or published on the store)."""
+    found: dict[str, dict] = {}
     for k, plan in enumerate(plans):
-        _entry(ctx, k, plan.path, plan.key)
+        entry = _entry(ctx, k, plan.path, plan.key)
+        if entry is not None:
+            found[plan.path] = entry
+    return found
 
 
 def merge_stats(results: list[dict[str, Any]], here: LoopStats) -> LoopStats:

@@ -23,6 +23,7 @@ import torch
 from data_contracts.bucket import BUCKETS_SCHEMA
 from data_contracts.cache import ChunkInfo
 from data_contracts.errors import StageError
+from data_contracts.manifest import FileEntry
 from data_contracts.ingest import POSTS_SCHEMA
 from data_contracts.tables import REJECTS_SCHEMA, write_table
 from tasks.cache import shards
@@ -75,11 +76,11 @@ def build(ctx: StageContext) -> StageResult:
     samples, rejects, plans = planned.samples, planned.rejects, planned.plans
     vae_id, tok_id, scaling = planned.vae_id, planned.tok_id, planned.scaling
     channels, downscale = planned.channels, planned.downscale
-    if shards.sharded(ctx.cfg):  # chunks written by the runner's workers: bring in what other machines wrote
-        shards.fetch_published(ctx, plans)
+    # Chunks the runner's workers wrote (on object storage they may stay on the store: see shards.py)
+    elsewhere = shards.published_entries(ctx, plans) if shards.sharded(ctx.cfg) else {}
 
     clean_temp(ctx.work)
-    done = read_journal(ctx.work)
+    done = {**elsewhere, **read_journal(ctx.work)}
     todo = [p for p in plans if not is_done(p, done)]
     device = resolve_device(runtime.device)
     backend = cfg.decode if cfg.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
@@ -114,7 +115,7 @@ def build(ctx: StageContext) -> StageResult:
     if shards.sharded(ctx.cfg):
         loop = shards.merge_stats(ctx.shard_results, loop)
     shards.remove_inputs(ctx)
-    done = read_journal(ctx.work)
+    done = {**elsewhere, **read_journal(ctx.work)}
     missing = [p.path for p in plans if not is_done(p, done)]
     if missing:
         raise StageError(f"cache: {len(missing)} chunk(s) were not written (e.g. {missing[0]}); rerun to resume")
@@ -146,6 +147,8 @@ def build(ctx: StageContext) -> StageResult:
         "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
     }
     report = _report(chunks, rejects, stats)
+    published = [FileEntry(path=c.path, size=c.bytes, sha256=c.sha256)
+                 for c in chunks if not (ctx.work / c.path).is_file()]  # only on the store (another machine's)
     images, note = draw_pictures(ctx, {"decoded latents": lambda: _decoded_sheet(ctx, chunks, scaling, channels,
                                                                                   downscale, stats)})
     report.images.update(images)
@@ -159,6 +162,7 @@ def build(ctx: StageContext) -> StageResult:
             "latent_downscale": downscale, "model": cfg.model, "chunks": chunks, "bucket_counts": bucket_counts,
         },
         report=report,
+        published=published,
     )
 
 
@@ -166,7 +170,11 @@ def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], scaling: float, c
                    stats: dict) -> dict[str, str]:
     """Cached latents decoded through the same VAE beside their cropped sources, with the PSNR in stats:
     the visual proof that the cache holds what training will see."""
-    rows = read_chunk_sample([ctx.work / c.path for c in chunks], seed=ctx.cfg.seed, max_items=12)
+    local = [(ctx.work / c.path).is_file() for c in chunks]
+    work_url = ctx.store.work_url(ctx.stage, ctx.fingerprint)
+    rows = read_chunk_sample([str(ctx.work / c.path) if here else f"{work_url}/{c.path}"
+                              for c, here in zip(chunks, local)], seed=ctx.cfg.seed, max_items=12,
+                             filesystems=[None if here else ctx.store.fs for here in local])
     ids = rows.column("id").to_pylist()
     buckets = read_upstream(ctx.store, ctx.upstream["bucket"], "buckets", BUCKETS_SCHEMA, None)
     posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,12 +51,20 @@ def vae_decoder(vae: torch.nn.Module) -> DecodeFn:
     return decode
 
 
-def read_chunk_sample(paths: Sequence[Path], *, seed: int = 0, max_items: int = 12) -> pa.Table:
+def _in_fs(path: Path | str, fs: Any) -> str:
+    """The path as the filesystem names it (fsspec strips its protocol: s3://b/k -> b/k)."""
+    return str(path) if fs is None else fs._strip_protocol(str(path))
+
+
+def read_chunk_sample(paths: Sequence[Path | str], *, seed: int = 0, max_items: int = 12,
+                      filesystems: Sequence[Any] | None = None) -> pa.Table:
     """max_items chunk rows chosen by seed across all chunk files, reading only the id column of every
-    file and then only the chosen rows (latents are large)."""
+    file and then only the chosen rows (latents are large). filesystems: per path, an fsspec filesystem
+    to read it through in place (ranged reads of a chunk on object storage), or None for a local file."""
+    fss = list(filesystems) if filesystems is not None else [None] * len(paths)
     found: list[tuple[int, int]] = []  # (file index, id)
     for i, path in enumerate(paths):
-        ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        ids = pq.read_table(_in_fs(path, fss[i]), columns=["id"], filesystem=fss[i]).column("id").to_numpy()
         found += [(i, int(x)) for x in ids]
     if not found:
         return pa.table({})
@@ -67,7 +75,7 @@ def read_chunk_sample(paths: Sequence[Path], *, seed: int = 0, max_items: int = 
         by_file.setdefault(found[k][0], []).append(found[k][1])
     parts = []
     for i, wanted in sorted(by_file.items()):
-        table = pq.read_table(paths[i], filters=[("id", "in", wanted)])
+        table = pq.read_table(_in_fs(paths[i], fss[i]), filters=[("id", "in", wanted)], filesystem=fss[i])
         parts.append(table)
     table = pa.concat_tables(parts, promote_options="default")
     order = {int(x): n for n, x in enumerate(ids[chosen])}  # keep the seed order

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from data_contracts.errors import ContractError, StageError
 from data_contracts.fingerprint import digest, stage_fingerprint
-from data_contracts.manifest import StageManifest
+from data_contracts.manifest import FileEntry, StageManifest
 from data_contracts.registry import manifest_class
 from data_contracts.store import ArtifactStore
 from pipeline_config.load import section_dict
@@ -47,6 +47,9 @@ class StageResult:
     stats: dict[str, Any] = field(default_factory=dict)
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # stage-specific manifest fields
     report: StageReport = field(default_factory=StageReport)
+    # Output files other machines published to the store's work folder and this one never downloaded
+    # (a sharded cache's chunks on object storage): committed by a copy on the store.
+    published: list[FileEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -229,7 +232,7 @@ def finish_stage(prepared: PreparedStage, shard_results: list[dict[str, Any]] | 
         stats=result.stats,
         **result.manifest_fields,
     )
-    manifest = ctx.store.commit(manifest, ctx.work)
+    manifest = ctx.store.commit(manifest, ctx.work, published=result.published)
     seconds = time.monotonic() - prepared.started
     ctx.log.info("%s: wrote %s in %.1fs", spec.name, ctx.fingerprint, seconds)
     return StageOutcome(manifest, False, result.report, ctx.store.output_url(spec.name, ctx.fingerprint), seconds)

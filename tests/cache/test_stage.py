@@ -75,6 +75,12 @@ def test_stage_caches_every_good_sample_once_with_exact_latents_and_tokens(tmp_p
     rejects = pq.read_table(store.path(m, "rejects.parquet")).to_pylist()
     assert {r["id"]: r["reason"] for r in rejects} == up.rejects
     assert m.row_counts == {"chunks": len(up.good), "rejects": len(up.rejects)}
+    # Image rejects name the file by its pool-relative path, the same on any machine or cache folder.
+    image_rejects = [r for r in rejects if r["reason"] in ("image_missing", "decode_error")]
+    assert len(image_rejects) == 2
+    for r in image_rejects:
+        assert r["detail"].startswith(f"images/{r['id'] % 100:02d}/{r['id']}."), r
+        assert str(tmp_path) not in r["detail"]
 
     # DuckDB reads the chunks directly (hive partition column `bucket`)
     folder = store.path(m, m.chunks[0].path).parents[1]

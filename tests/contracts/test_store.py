@@ -40,6 +40,22 @@ def test_commit_then_read_round_trip(tmp_path):
     assert table.column("label").to_pylist() == ["bad score", "masterpiece"]
 
 
+def test_commit_on_a_local_root_refuses_files_that_exist_only_elsewhere(tmp_path):
+    """`published` files live on object storage only; on a local root every file must be in the work folder,
+    or the manifest would list a file nobody can read."""
+    from data_contracts.manifest import FileEntry
+
+    store = ArtifactStore(str(tmp_path))
+    work = store.begin("quality", "abc", resume=False)
+    write_table(QUALITY_ROWS, work / "quality.parquet", QUALITY_SCHEMA)
+    ghost = FileEntry(path="chunks/part-0.parquet", size=10, sha256="0" * 64)
+    with pytest.raises(StageError, match="chunks/part-0.parquet"):
+        store.commit(_manifest(), work, published=[ghost])
+    assert store.current("quality") is None and work.exists()  # nothing committed; the work can resume
+    here = store.commit(_manifest(), work, published=[FileEntry(path="quality.parquet", size=1, sha256="x")])
+    assert [f.path for f in here.files] == ["quality.parquet"] and here.files[0].size > 1  # the local file wins
+
+
 def test_output_without_manifest_is_never_read_and_cleaned(tmp_path):
     store = ArtifactStore(str(tmp_path))
     folder = tmp_path / "quality" / "half"

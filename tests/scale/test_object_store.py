@@ -180,7 +180,11 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     assert any(f.path.startswith("visuals/ingest-character") for f in ingest.manifest.files)
     for stage in ("tag", "quality", "bucket"):
         run_stage(stage_spec(stage), cfg, store)
+    fetched: list[str] = []  # what the merging machine downloads from the shards' work folder
+    real_work_get = store.work_get
+    store.work_get = lambda stage, fp, rel, refresh=False: fetched.append(rel) or real_work_get(stage, fp, rel, refresh)
     cache = on_two_machines("cache")
+    store.work_get = real_work_get
 
     local_cfg = load_config("demo", {"data_root": str(tmp_path / "local"), "runtime.cache_dir": str(tmp_path / "cache"),
                                      "tag.shard_size": 100, **small})
@@ -192,4 +196,15 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
         assert store.path(ingest.manifest, name).read_bytes() == local.path(ref["ingest"], name).read_bytes()
     assert cache.manifest.fingerprint == ref["cache"].fingerprint
     assert {c.path: c.sha256 for c in cache.manifest.chunks} == {c.path: c.sha256 for c in ref["cache"].chunks}
+    # The shards' chunks never came to this machine: journals only; the commit copied them on the store,
+    # and they read back with the sha256 the manifest records (store.path verifies it).
+    assert fetched and not [rel for rel in fetched if rel.startswith("chunks/")]
+    for chunk in cache.manifest.chunks:
+        assert store.path(cache.manifest, chunk.path, verify=True).stat().st_size == chunk.bytes
+    assert {f.path for f in cache.manifest.files} >= {c.path for c in cache.manifest.chunks}
+    # The decoded-latents sheet read its rows from the chunks in place on the store.
+    assert cache.manifest.stats["decode_check_samples"] > 0
+    assert cache.manifest.stats["decode_psnr_db"] > cache.manifest.stats["decode_psnr_shuffled_db"]
+    cache_rejects = pq.read_table(store.path(cache.manifest, "rejects.parquet"))
+    assert cache_rejects.equals(pq.read_table(local.path(ref["cache"], "rejects.parquet")))
     assert not fs.exists(f"{root}/cache/_work/{cache.manifest.fingerprint}")
