@@ -295,6 +295,8 @@ def main() -> None:
     ap.add_argument("--alone-batch", type=int, action="append", default=[], help="also time the compiled encoder "
                     "alone at this batch size")
     ap.add_argument("--gpus", type=int, default=0, help="also run the several-device path on 1 and on N devices")
+    ap.add_argument("--devices-only", action="store_true", help="with --gpus: only the warm-up and the 1-vs-N "
+                    "device runs (a larger --n in the same time)")
     ap.add_argument("--try", dest="try_options", action="append", default=[], metavar="KEY=VALUE,...",
                     help="also time the encoder alone compiled with these inductor options, e.g. freezing=1")
     args = ap.parse_args()
@@ -320,16 +322,22 @@ def main() -> None:
 
     vae = build_vae(args.tiny)
     results = {}
+    if args.devices_only:
+        args.skip_reference = True
     if not args.skip_reference:
         ref = run_reference(samples, vae, device, batch, args.workers, root / "out-ref")
         results["reference"] = ref
         print(f"reference: {ref['images'] / ref['seconds']:7.1f} img/s  ({ref['images']} in {ref['seconds']:.1f}s, "
               f"{ref['bytes'] / ref['images'] / 1e3:.1f} kB/sample written, {args.workers} PIL workers, eager "
               f"{str(encode_dtype(device)).replace('torch.', '')})")
+    # Also with --devices-only: the compile fills inductor's cache, so the 1- and N-device runs after it
+    # start from the same place (neither pays a fresh compile the other does not).
     encoder, warm = make_encoder(samples, vae, device, batch, compile)
     print(f"ours: compile + cuDNN autotune warm-up {warm:.1f}s for {len(used)} bucket shapes (once per run)")
     backend = args.decode if args.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
-    if backend == "torch":
+    if args.devices_only:
+        variants = []
+    elif backend == "torch":
         variants = [("torch", "jpeg on device", False), ("torch", "jpeg on CPU threads", True),
                     ("pil", "PIL decode+resize in threads", False)]
     else:
@@ -344,7 +352,7 @@ def main() -> None:
               + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s" if mfu else ""))
         if "reference" in results:
             print(f"  ratio ours/reference: {rate / (ref['images'] / ref['seconds']):.2f}x")
-    if device.type == "cuda" and not args.tiny:
+    if device.type == "cuda" and not args.tiny and not args.devices_only:
         alone = [("eager", LatentEncoder(vae, device, batch, compile=False))]
         for b in args.alone_batch:
             alone.append((f"batch {b} compiled", LatentEncoder(vae, device, b, compile=True)))
