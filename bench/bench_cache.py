@@ -196,7 +196,7 @@ def run_devices(samples: pa.Table, vae, device: torch.device, batch: int, out: P
                         threads=threads * gpus, device=device.type, compile_min_images=5000, vae=vae)
     seconds = time.perf_counter() - t0
     per_rank = {f.name: len(f.read_text().splitlines()) for f in sorted(out.glob("_journal-*.jsonl"))}
-    return {"seconds": seconds, "images": stats.images, "chunks": per_rank}
+    return {"seconds": seconds, "images": stats.images, "chunks": per_rank, "participants": stats.participants}
 
 
 class _RefDataset(torch.utils.data.Dataset):
@@ -377,6 +377,10 @@ def main() -> None:
             runs[n] = r["images"] / r["seconds"]
             print(f"run_sharded on {n} device(s): {runs[n]:7.1f} img/s ({r['images']} in {r['seconds']:.1f}s incl. "
                   f"start-up and compile; chunks by participant {r['chunks']})")
+            for p in sorted(r["participants"], key=lambda p: p["rank"]):  # seconds after the spawn
+                print(f"    participant {p['rank']}: up {p['up_s']}s, VAE loaded {p['vae_loaded_s']}s, first chunk "
+                      f"{p['first_chunk_s']}s, done {p['done_s']}s; {p['chunks']} chunks, {p['images']} images, "
+                      f"{p['loop_images_per_s']} img/s in its loop" + (" (stopped: nothing left)" if p.get("stopped") else ""))
         print(f"  {args.gpus} devices vs 1: {runs[args.gpus] / runs[1]:.2f}x, scaling efficiency "
               f"{100 * runs[args.gpus] / (args.gpus * runs[1]):.1f}%")
         shutil.rmtree(root / "out-devices", ignore_errors=True)

@@ -13,6 +13,7 @@ compiled encoder alone (285 img/s), 2.0x the kohya-style reference.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,7 @@ from tasks.cache.images import (
     uint8_to_pixels,
 )
 
+log = logging.getLogger(__name__)
 Backend = Literal["pil", "torch"]
 ChunkDone = Callable[[ChunkPlan, dict], None]
 
@@ -60,11 +62,15 @@ class LoopStats:
     seconds: float = 0.0
     encode_wait_s: float = 0.0  # time the encoder waited for decoded images
     device_wait_s: float = 0.0  # time the host waited for the device (GPU-bound when ~ seconds)
+    first_chunk_at: float | None = None  # time.time() when this loop's first chunk was on disk and journalled
+    # run_sharded: each participant's timeline (where a spawned process's start-up goes), for logs and benches
+    participants: list[dict] = field(default_factory=list)
 
     def merge(self, other: "LoopStats") -> None:
         for name in ("images", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds = max(self.seconds, other.seconds)
+        self.participants += other.participants
 
 
 @dataclass
@@ -234,6 +240,8 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
         info = write_chunk(work, st.plan, chunk_table(meta, mean, std))
         entry = journal_entry(st.plan, info, st.rejects)
         append_journal(journal, entry)
+        if stats.first_chunk_at is None:  # here, not in on_chunk: chunks are collected up to two writes late
+            stats.first_chunk_at = time.time()
         return st.plan, entry
 
     def _collect(fut: Future) -> None:
@@ -326,6 +334,7 @@ class WorkerJob:
     device: str = "cuda"  # "cuda": participant r uses GPU r; "cpu": every participant on the CPU
     compile_min_images: int = 0
     bucket_rows: dict | None = None  # rows per bucket over the whole stage (compile choices)
+    started_at: float = 0.0  # time.time() when run_sharded spawned the participants
 
 
 def load_vae(model: str, cache_dir: Path):
@@ -355,13 +364,33 @@ def _run_participant(rank: int, job: WorkerJob, samples: pa.Table, vae: torch.nn
                         claim=lambda i: claim(claims, i), bucket_rows=job.bucket_rows or bucket_sizes(job.plans))
 
 
+def _timeline(rank: int, job: WorkerJob, up: float | None, loaded: float | None, stats: LoopStats) -> dict:
+    """Seconds from the spawn: process up (interpreter + imports), VAE loaded, first chunk written, done."""
+    at = job.started_at
+
+    def since(t: float | None) -> float | None:
+        return round(t - at, 2) if t is not None else None
+
+    return {"rank": rank, "up_s": since(up), "vae_loaded_s": since(loaded),
+            "first_chunk_s": since(stats.first_chunk_at), "done_s": since(time.time()),
+            "chunks": stats.chunks, "images": stats.images,
+            "loop_images_per_s": round(stats.images / stats.seconds, 1) if stats.seconds else 0.0}
+
+
 def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
     """A spawned participant: rank index + 1 (the calling process is rank 0)."""
+    up = time.time()
     rank = index + 1
     if job.device == "cpu":
         torch.set_num_threads(1)
+    progress = Path(result_dir, f"progress-{rank}.json")  # what a participant stopped mid-start-up got to
+    progress.write_text(json.dumps({"up": up}))
     samples = pq.read_table(job.samples_path)
-    stats = _run_participant(rank, job, samples, load_vae(job.model, Path(job.cache_dir)))
+    vae = load_vae(job.model, Path(job.cache_dir))
+    loaded = time.time()
+    progress.write_text(json.dumps({"up": up, "loaded": loaded}))
+    stats = _run_participant(rank, job, samples, vae)
+    stats.participants = [_timeline(rank, job, up, loaded, stats)]
     Path(result_dir, f"stats-{rank}.json").write_text(json.dumps(stats.__dict__))
 
 
@@ -415,12 +444,16 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
     result_dir.mkdir(exist_ok=True)
     order = sorted(plans, key=lambda p: -(p.stop - p.start))
     job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), backend, batch_size, compile,
-                    store_std, str(work), max(1, threads // gpus), device, compile_min_images, bucket_rows)
+                    store_std, str(work), max(1, threads // gpus), device, compile_min_images, bucket_rows,
+                    started_at=time.time())
     workers = mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus - 1, join=False,
                                  start_method="spawn")
     try:
-        total = _run_participant(0, job, samples, vae if vae is not None else load_vae(model, cache_dir),
-                                 on_chunk)
+        up = time.time()
+        vae = vae if vae is not None else load_vae(model, cache_dir)
+        loaded = time.time()
+        total = _run_participant(0, job, samples, vae, on_chunk)
+        total.participants = [_timeline(0, job, up, loaded, total)]
         while not workers.join(timeout=0.5):
             # Every chunk written: a participant still starting up has nothing left to claim, so it is
             # stopped rather than waited for (it holds no claim; its stats come from its journal).
@@ -433,9 +466,23 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
         raise
     for rank in range(1, gpus):
         stats_file = result_dir / f"stats-{rank}.json"
-        total.merge(LoopStats(**json.loads(stats_file.read_text())) if stats_file.exists()
-                    else _journal_stats(work / f"_journal-{rank}.jsonl"))
+        if stats_file.exists():
+            total.merge(LoopStats(**json.loads(stats_file.read_text())))
+            continue
+        stopped = _journal_stats(work / f"_journal-{rank}.jsonl")
+        try:
+            got = json.loads((result_dir / f"progress-{rank}.json").read_text())
+        except (OSError, ValueError):
+            got = {}
+        stopped.participants = [{**_timeline(rank, job, got.get("up"), got.get("loaded"), stopped),
+                                 "done_s": None, "stopped": True}]
+        total.merge(stopped)
     shutil.rmtree(result_dir, ignore_errors=True)
     shutil.rmtree(claims, ignore_errors=True)
     samples_path.unlink(missing_ok=True)
+    for p in total.participants:
+        log.info("cache participant %d: up %ss, VAE loaded %ss, first chunk %ss, done %ss after the spawn; "
+                 "%d chunks, %d images, %s img/s in its loop%s", p["rank"], p["up_s"], p["vae_loaded_s"],
+                 p["first_chunk_s"], p["done_s"], p["chunks"], p["images"], p["loop_images_per_s"],
+                 " (stopped: every chunk was written)" if p.get("stopped") else "")
     return total

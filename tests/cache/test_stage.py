@@ -273,6 +273,14 @@ def test_sharded_devices_claim_chunks_and_write_each_once(tmp_path, model_cache)
     assert sorted(rejected) == sorted(i for i, why in up.rejects.items() if why != "missing_upstream")
     assert stats.images == len(ids) and stats.chunks == len(plans)
     assert not (work / "_samples.parquet").exists() and not (work / "_claims").exists()
+    # Each participant's timeline (seconds after the spawn) says where a spawned process's start-up went.
+    by_rank = {p["rank"]: p for p in stats.participants}
+    assert sorted(by_rank) == [0, 1]
+    for rank, journal in ((0, mine), (1, theirs)):
+        p = by_rank[rank]
+        assert p["chunks"] == len(journal) and not p.get("stopped")
+        assert 0 <= p["up_s"] <= p["vae_loaded_s"] <= p["first_chunk_s"] <= p["done_s"]
+    assert by_rank[1]["up_s"] > by_rank[0]["up_s"]  # a spawned interpreter starts later than this process
 
 
 def test_a_participant_still_starting_when_every_chunk_is_written_is_stopped(tmp_path, model_cache, monkeypatch):
@@ -307,6 +315,8 @@ def test_a_participant_still_starting_when_every_chunk_is_written_is_stopped(tmp
     assert started and not any(p.is_alive() for p in started)
     assert all(is_done(p, read_journal(work)) for p in plans) and stats.chunks == len(plans)
     assert [p.name for p in work.glob("_journal-*.jsonl")] == ["_journal-0.jsonl"]
+    stopped = [p for p in stats.participants if p["rank"] == 1]
+    assert stopped and stopped[0]["stopped"] and stopped[0]["chunks"] == 0 and stopped[0]["vae_loaded_s"] is None
 
 
 def test_cache_gpus_is_left_out_of_the_fingerprint(tmp_path):
