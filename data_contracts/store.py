@@ -14,8 +14,8 @@ Object storage (any fsspec URL that is not a local path, e.g. s3://bucket/prefix
 - a stage works in a local folder under `<local_cache>/work/<root slug>/`; files that other machines must
   see before the commit (the journal of a sharded stage) are published with `work_put` to
   `<root>/<stage>/_work/<fp>/` and read back with `work_get`; large published files (a sharded cache's
-  chunks) need not come back at all: `commit(published=...)` copies them into the output on the store
-  (server-side) with the size and sha256 their writer recorded;
+  chunks, published under content-addressed names) need not come back at all: `commit(published=...)` copies
+  them into the output on the store (server-side) with the size and sha256 their writer recorded;
 - the pool lives on the store; `pool_dir()` is this machine's local mirror of it. Writers publish with
   `pool_put`, readers make files local with `pool_fetch` / `pool_get` (downloaded once, checked by size);
 - outputs are read through a local download cache (`path`), verified against the manifest.
@@ -32,7 +32,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import fsspec
 
@@ -347,11 +347,13 @@ class ArtifactStore:
         work.mkdir(parents=True, exist_ok=True)
         return work
 
-    def work_put(self, stage: str, fingerprint: str, rel: str) -> None:
+    def work_put(self, stage: str, fingerprint: str, rel: str, as_rel: str | None = None) -> None:
         """Publish a finished file of the work folder so other machines see it (a no-op on a local root,
-        where the work folder already is under the root). Publish the file that marks a step done last."""
+        where the work folder already is under the root), under `as_rel` when given. Publish the file that
+        marks a step done last."""
         if not self.is_local:
-            self.fs.put_file(str(self.work_dir(stage, fingerprint) / rel), self._join(stage, WORK_DIR, fingerprint, rel))
+            self.fs.put_file(str(self.work_dir(stage, fingerprint) / rel),
+                             self._join(stage, WORK_DIR, fingerprint, as_rel or rel))
 
     def work_get(self, stage: str, fingerprint: str, rel: str, refresh: bool = False) -> Path | None:
         """A file of the work folder, downloaded when another machine published it; None when nobody has.
@@ -390,19 +392,26 @@ class ArtifactStore:
         except FileNotFoundError:
             pass
 
-    def commit(self, manifest: M, work: Path, published: Sequence[FileEntry] = ()) -> M:
+    def commit(self, manifest: M, work: Path, published: Mapping[str, FileEntry] | None = None) -> M:
         """List every file with size + sha256, write the manifest last, publish atomically.
 
-        published: files of the output that exist only in the store's work folder (other machines
-        published them with `work_put`; their writer recorded size and sha256). They are copied into the
-        output on the store without passing through this machine. Object storage only."""
+        published: output files that exist only in the store's work folder, by the name other machines
+        published them under (`work_put(..., as_rel=...)`, content-addressed so the bytes behind a name never
+        change) -> their entry (output path, size and sha256 their writer recorded). They are copied into the
+        output on the store without passing through this machine. Object storage only; a local file of the
+        same output path is an error (which of the two is meant?)."""
         local = list_files(work)
         have = {e.path for e in local}
-        elsewhere = [e for e in published if e.path not in have]
-        if elsewhere and self.is_local:
-            raise StageError(f"{manifest.stage}: {len(elsewhere)} output file(s) are neither in {work} nor published "
-                             f"(e.g. {elsewhere[0].path}); rerun the stage to write them")
-        manifest.files = sorted(local + elsewhere, key=lambda e: PurePosixPath(e.path))
+        published = dict(published or {})
+        if published and self.is_local:
+            first = next(iter(published.values())).path
+            raise StageError(f"{manifest.stage}: {len(published)} output file(s) are neither in {work} nor published "
+                             f"(e.g. {first}); rerun the stage to write them")
+        clash = sorted(have & {e.path for e in published.values()})
+        if clash:
+            raise StageError(f"{manifest.stage}: {clash[0]} is both in the work folder and published by another "
+                             "machine; rerun the stage to resolve it")
+        manifest.files = sorted(local + list(published.values()), key=lambda e: PurePosixPath(e.path))
         stage, fp = manifest.stage, manifest.fingerprint
         if self.is_local:
             atomic_write_text(work / MANIFEST_NAME, manifest.to_json())
@@ -419,9 +428,10 @@ class ArtifactStore:
             self._rm_remote(final)
             if local:
                 self.fs.put([str(work / e.path) for e in local], [f"{final}/{e.path}" for e in local])
-            if elsewhere:  # server-side copies (S3 CopyObject, GCS rewrite): no download, no second upload
+            if published:  # server-side copies (S3 CopyObject, GCS rewrite): no download, no second upload
                 work_remote = self._join(stage, WORK_DIR, fp)
-                self.fs.copy([f"{work_remote}/{e.path}" for e in elsewhere], [f"{final}/{e.path}" for e in elsewhere])
+                self.fs.copy([f"{work_remote}/{src}" for src in published],
+                             [f"{final}/{e.path}" for e in published.values()])
             self._write_small(f"{final}/{MANIFEST_NAME}", manifest.to_json())  # last: now it is complete
             shutil.rmtree(work, ignore_errors=True)
             self._rm_remote(self._join(stage, WORK_DIR, fp))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -391,7 +392,10 @@ def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
     progress.write_text(json.dumps({"up": up, "loaded": loaded}))
     stats = _run_participant(rank, job, samples, vae)
     stats.participants = [_timeline(rank, job, up, loaded, stats)]
-    Path(result_dir, f"stats-{rank}.json").write_text(json.dumps(stats.__dict__))
+    final = Path(result_dir, f"stats-{rank}.json")
+    tmp = final.with_suffix(".tmp")  # a stop mid-write must not leave half a JSON under the name read back
+    tmp.write_text(json.dumps(stats.__dict__))
+    os.replace(tmp, final)
 
 
 def _stop(workers) -> None:
@@ -441,7 +445,8 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
     shutil.rmtree(claims, ignore_errors=True)  # a killed run's claims: the journals say what is done
     claims.mkdir()
     result_dir = work / "_stats"
-    result_dir.mkdir(exist_ok=True)
+    shutil.rmtree(result_dir, ignore_errors=True)  # a killed run's figures are not this run's
+    result_dir.mkdir()
     order = sorted(plans, key=lambda p: -(p.stop - p.start))
     job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), backend, batch_size, compile,
                     store_std, str(work), max(1, threads // gpus), device, compile_min_images, bucket_rows,

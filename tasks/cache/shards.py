@@ -5,8 +5,8 @@ machine can use them) to `_shard-samples.parquet` in the work folder; each shard
 one bucket), largest first. `run_shard` re-derives the plans from those samples (it refuses a shard planned on
 other samples), brings the chunk's images into its machine's pool copy, encodes them on the worker's device
 with a VAE loaded once per worker process, writes the chunk and journals it in `_journal-s<k>.jsonl`; on
-object storage both are published for the merge (chunk first, journal last); the merge reads the journals
-and commits the published chunks by a copy on the store, never downloading them. Under Ray each shard task gets
+object storage both are published for the merge (chunk first, under a content-addressed name; journal last);
+the merge reads the journals and commits the published chunks by a copy on the store, never downloading them. Under Ray each shard task gets
 one GPU (`runtime.device: cuda`); under Dask give each worker one GPU (dask-cuda's LocalCUDACluster does).
 The merge (the stage's build) fetches every journal and writes any chunk no worker did. Under the thread
 runner the stage is one task: this process plus one process per further local GPU (pipeline.run_sharded).
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts.errors import StageError
+from data_contracts.fingerprint import sha256_file
 from pipeline_config.schema import PipelineConfig
 from tasks.cache.chunks import ChunkPlan, is_done, read_journal
 from tasks.cache.encode import LatentEncoder, resolve_device
@@ -56,7 +57,16 @@ def _entry(ctx: StageContext, k: int, plan_path: str, key: str) -> dict | None:
     return None
 
 
+def published_rel(entry: dict) -> str:
+    """The name a chunk is published under: content-addressed, so the bytes behind a name are the bytes its
+    journal's sha256 describes, whichever attempt (a retry, a duplicate on another machine) uploaded last."""
+    return f"{entry['path']}.{entry['sha256'][:16]}"
+
+
 def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bool) -> dict | None:
+    """The journal entry of shard k's chunk when its bytes are here or on the store. An entry accepted from
+    the store carries `published` (the published name): that chunk is never downloaded (the commit copies it
+    on the store; the decoded-latents sheet reads a few rows of it in place)."""
     journal = ctx.store.work_get(ctx.stage, ctx.fingerprint, _journal_rel(k), refresh=refresh)
     if journal is None:
         return None
@@ -68,12 +78,17 @@ def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bo
         if entry.get("path") != plan_path or entry.get("key") != key:
             continue
         chunk = ctx.work / plan_path
-        if entry["rows"] == 0 or (chunk.is_file() and chunk.stat().st_size == entry["bytes"]):
+        if entry["rows"] == 0:
             return entry
-        # Written on another machine: the published copy is checked by size and never downloaded (the
-        # commit copies it on the store; the decoded-latents sheet reads a few rows of it in place).
-        if ctx.store.work_published_size(ctx.stage, ctx.fingerprint, plan_path) == entry["bytes"]:
+        # On a shared local root every journal line follows its own chunk's rename: the size is enough (as in
+        # one process). On object storage the journal may be another machine's and a local file a killed
+        # attempt's leftover of the same size: it counts only with the journalled sha256.
+        if chunk.is_file() and chunk.stat().st_size == entry["bytes"] and \
+                (ctx.store.is_local or sha256_file(str(chunk)) == entry["sha256"]):
             return entry
+        if ctx.store.work_published_size(ctx.stage, ctx.fingerprint, published_rel(entry)) == entry["bytes"]:
+            chunk.unlink(missing_ok=True)  # a killed attempt's leftover here: the journalled bytes are on the store
+            return {**entry, "published": published_rel(entry)}
     return None
 
 
@@ -155,9 +170,9 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
 
 
 def _publish(ctx: StageContext, k: int, entry: dict) -> None:
-    if entry["rows"] and (ctx.work / entry["path"]).is_file() and \
-            ctx.store.work_published_size(ctx.stage, ctx.fingerprint, entry["path"]) != entry["bytes"]:
-        ctx.store.work_put(ctx.stage, ctx.fingerprint, entry["path"])
+    if entry["rows"] and "published" not in entry and \
+            ctx.store.work_published_size(ctx.stage, ctx.fingerprint, published_rel(entry)) != entry["bytes"]:
+        ctx.store.work_put(ctx.stage, ctx.fingerprint, entry["path"], as_rel=published_rel(entry))
     ctx.store.work_put(ctx.stage, ctx.fingerprint, _journal_rel(k))  # the journal last: it marks the chunk done
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -80,7 +81,7 @@ def build(ctx: StageContext) -> StageResult:
     elsewhere = shards.published_entries(ctx, plans) if shards.sharded(ctx.cfg) else {}
 
     clean_temp(ctx.work)
-    done = {**elsewhere, **read_journal(ctx.work)}
+    done = {**read_journal(ctx.work), **elsewhere}  # the shards' entries as published_entries checked them
     todo = [p for p in plans if not is_done(p, done)]
     device = resolve_device(runtime.device)
     backend = cfg.decode if cfg.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
@@ -115,16 +116,19 @@ def build(ctx: StageContext) -> StageResult:
     if shards.sharded(ctx.cfg):
         loop = shards.merge_stats(ctx.shard_results, loop)
     shards.remove_inputs(ctx)
-    done = {**elsewhere, **read_journal(ctx.work)}
+    done = {**read_journal(ctx.work), **elsewhere}
     missing = [p.path for p in plans if not is_done(p, done)]
     if missing:
         raise StageError(f"cache: {len(missing)} chunk(s) were not written (e.g. {missing[0]}); rerun to resume")
     chunks: list[ChunkInfo] = []
+    chunk_ids: list[np.ndarray] = []  # the ids each chunk holds: its plan's samples less its rejects
+    sample_ids = samples.column("id").to_numpy()
     for plan in plans:
         entry = done[plan.path]
         rejects.extend(entry["rejects"])
         if entry["rows"]:
             chunks.append(ChunkInfo(**{k: entry[k] for k in ChunkInfo.model_fields}))
+            chunk_ids.append(np.setdiff1d(sample_ids[plan.start:plan.stop], [r["id"] for r in entry["rejects"]]))
     rows = sum(c.rows for c in chunks)
     if rows == 0:
         reasons = dict(Counter(r["reason"] for r in rejects))
@@ -147,10 +151,11 @@ def build(ctx: StageContext) -> StageResult:
         "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
     }
     report = _report(chunks, rejects, stats)
-    published = [FileEntry(path=c.path, size=c.bytes, sha256=c.sha256)
-                 for c in chunks if not (ctx.work / c.path).is_file()]  # only on the store (another machine's)
-    images, note = draw_pictures(ctx, {"decoded latents": lambda: _decoded_sheet(ctx, chunks, scaling, channels,
-                                                                                  downscale, stats)})
+    published = {done[c.path]["published"]: FileEntry(path=c.path, size=c.bytes, sha256=c.sha256)
+                 for c in chunks if "published" in done[c.path]}  # only on the store (another machine's)
+    images, note = draw_pictures(ctx, {"decoded latents": lambda: _decoded_sheet(ctx, chunks, chunk_ids, published,
+                                                                                  scaling, channels, downscale,
+                                                                                  stats)})
     report.images.update(images)
     report.summary_md += note
     return StageResult(
@@ -166,15 +171,18 @@ def build(ctx: StageContext) -> StageResult:
     )
 
 
-def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], scaling: float, channels: int, downscale: int,
+def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], chunk_ids: list[np.ndarray],
+                   published: dict[str, FileEntry], scaling: float, channels: int, downscale: int,
                    stats: dict) -> dict[str, str]:
     """Cached latents decoded through the same VAE beside their cropped sources, with the PSNR in stats:
-    the visual proof that the cache holds what training will see."""
-    local = [(ctx.work / c.path).is_file() for c in chunks]
+    the visual proof that the cache holds what training will see. Chunks only on the store (published by
+    other machines) are read in place, and only the few row groups holding the chosen rows."""
     work_url = ctx.store.work_url(ctx.stage, ctx.fingerprint)
-    rows = read_chunk_sample([str(ctx.work / c.path) if here else f"{work_url}/{c.path}"
-                              for c, here in zip(chunks, local)], seed=ctx.cfg.seed, max_items=12,
-                             filesystems=[None if here else ctx.store.fs for here in local])
+    where = {e.path: src for src, e in published.items()}
+    rows = read_chunk_sample([f"{work_url}/{where[c.path]}" if c.path in where else str(ctx.work / c.path)
+                              for c in chunks], seed=ctx.cfg.seed, max_items=12,
+                             filesystems=[ctx.store.fs if c.path in where else None for c in chunks],
+                             ids=chunk_ids)
     ids = rows.column("id").to_pylist()
     buckets = read_upstream(ctx.store, ctx.upstream["bucket"], "buckets", BUCKETS_SCHEMA, None)
     posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path"])

@@ -48,8 +48,8 @@ class StageResult:
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # stage-specific manifest fields
     report: StageReport = field(default_factory=StageReport)
     # Output files other machines published to the store's work folder and this one never downloaded
-    # (a sharded cache's chunks on object storage): committed by a copy on the store.
-    published: list[FileEntry] = field(default_factory=list)
+    # (a sharded cache's chunks on object storage), by published name: committed by a copy on the store.
+    published: dict[str, FileEntry] = field(default_factory=dict)
 
 
 @dataclass

@@ -50,10 +50,38 @@ def test_commit_on_a_local_root_refuses_files_that_exist_only_elsewhere(tmp_path
     write_table(QUALITY_ROWS, work / "quality.parquet", QUALITY_SCHEMA)
     ghost = FileEntry(path="chunks/part-0.parquet", size=10, sha256="0" * 64)
     with pytest.raises(StageError, match="chunks/part-0.parquet"):
-        store.commit(_manifest(), work, published=[ghost])
+        store.commit(_manifest(), work, published={"chunks/part-0.parquet.0000": ghost})
     assert store.current("quality") is None and work.exists()  # nothing committed; the work can resume
-    here = store.commit(_manifest(), work, published=[FileEntry(path="quality.parquet", size=1, sha256="x")])
-    assert [f.path for f in here.files] == ["quality.parquet"] and here.files[0].size > 1  # the local file wins
+    here = store.commit(_manifest(), work)
+    assert [f.path for f in here.files] == ["quality.parquet"]
+
+
+def test_commit_on_object_storage_copies_published_files_and_refuses_a_clash(tmp_path):
+    """Files another machine published (under content-addressed names) are copied into the output on the
+    store and listed with the size and sha256 given; a published file that is also in the work folder is
+    refused (which bytes are meant?). fsspec's in-memory filesystem stands in for the object store."""
+    import hashlib
+
+    import fsspec
+
+    from data_contracts.manifest import FileEntry
+
+    fsspec.filesystem("memory").store.clear()
+    store = ArtifactStore("memory://bucket/root", tmp_path / "cache")
+    work = store.begin("quality", "abc", resume=False)
+    write_table(QUALITY_ROWS, work / "quality.parquet", QUALITY_SCHEMA)
+    data = b"chunk bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    store.fs.pipe_file(f"bucket/root/quality/_work/abc/chunks/c.parquet.{sha[:16]}", data)
+    entry = FileEntry(path="chunks/c.parquet", size=len(data), sha256=sha)
+    clash = FileEntry(path="quality.parquet", size=1, sha256="0" * 64)
+    with pytest.raises(StageError, match="quality.parquet"):
+        store.commit(_manifest(), work, published={"other.parquet.0000": clash})
+    assert not store.fs.exists("bucket/root/quality/abc/manifest.json")
+    m = store.commit(_manifest(), work, published={f"chunks/c.parquet.{sha[:16]}": entry})
+    assert [f.path for f in m.files] == ["chunks/c.parquet", "quality.parquet"]
+    assert store.path(m, "chunks/c.parquet", verify=True).read_bytes() == data
+    assert not store.fs.exists("bucket/root/quality/_work/abc")  # the published copies went with the work folder
 
 
 def test_output_without_manifest_is_never_read_and_cleaned(tmp_path):

@@ -1,6 +1,7 @@
 """data_root on object storage: the pipeline against a real S3 API (moto's server on loopback)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -151,10 +152,15 @@ def test_credentials_in_storage_options_are_refused():
     assert load_config("demo", {"runtime.storage_options": {"endpoint_url": "http://x"}}).runtime.storage_options
 
 
-def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_endpoint, s3_env):
+def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_endpoint, s3_env, monkeypatch):
     """Ingest and cache as under a Dask/Ray runner on two machines: the plan and the merge here, every shard
     on "another machine" (its own local cache and pool copy); they meet only through the object store. The
-    outputs equal a one-process run on a local root."""
+    outputs equal a one-process run on a local root.
+
+    One cache shard races: its first machine is killed after publishing the chunk, before the journal; a
+    third machine redoes it with other bytes of the same size (another GPU's rounding); the merging machine
+    holds a killed attempt's same-size leftover of that chunk. The output has the third machine's bytes
+    under the sha256 its journal gives."""
     fs, bucket = s3_env
     small = {"ingest.embedded.posts": 120}  # the mini-booru is generated once per size (runtime.cache_dir)
     cfg = _cfg(tmp_path, s3_endpoint, bucket, **small, **{"runtime.task_runner": "dask", "ingest.shard_posts": 48})
@@ -169,8 +175,33 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
         assert len(shards) >= 2, stage
         remote = reopen_stage(spec, cfg, worker, prepared.ctx.fingerprint).ctx
         results = [spec.run_shard(remote, shard) for shard in shards]
+        if stage == "cache":
+            results[0] = race_on_a_third_machine(spec, prepared, shards[0])
         assert not fs.exists(f"{root}/{stage}/{prepared.ctx.fingerprint}")  # nothing committed before the merge
         return finish_stage(prepared, results)
+
+    raced: dict = {}
+
+    def race_on_a_third_machine(spec, prepared, shard):
+        from tasks.cache import shards as cache_shards
+        from tasks.cache.encode import LatentEncoder
+
+        fp = prepared.ctx.fingerprint
+        fs.rm(f"{root}/cache/_work/{fp}/_journal-s{shard['index']:05d}.jsonl")  # killed before the journal put
+        cache_shards._STATE.clear()  # a fresh process on the third machine
+        encode = LatentEncoder.__call__
+        with monkeypatch.context() as m:  # other rounding: same size, other bytes
+            m.setattr(LatentEncoder, "__call__", lambda self, x, compiled=True: tuple(
+                t + 0.01 if i == 0 else t for i, t in enumerate(encode(self, x, compiled))))
+            third = ArtifactStore(cfg.data_root, tmp_path / "third-cache", cfg.runtime.storage_options)
+            result = spec.run_shard(reopen_stage(spec, cfg, third, fp).ctx, shard)
+        cache_shards._STATE.clear()
+        journal = fs.cat_file(f"{root}/cache/_work/{fp}/_journal-s{shard['index']:05d}.jsonl").decode()
+        raced.update(json.loads(journal.splitlines()[-1]))
+        leftover = prepared.ctx.work / shard["path"]  # the merging machine's own killed attempt, same size
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_bytes(b"x" * raced["bytes"])
+        return result
 
     ingest = on_two_machines("ingest")
     # The files went to the S3 pool from the worker's copy; this machine fetched the pictures' files from there.
@@ -195,12 +226,15 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     for name in ("posts.parquet", "rejects.parquet"):
         assert store.path(ingest.manifest, name).read_bytes() == local.path(ref["ingest"], name).read_bytes()
     assert cache.manifest.fingerprint == ref["cache"].fingerprint
-    assert {c.path: c.sha256 for c in cache.manifest.chunks} == {c.path: c.sha256 for c in ref["cache"].chunks}
+    got, want = ({c.path: c.sha256 for c in m.chunks} for m in (cache.manifest, ref["cache"]))
+    assert got.pop(raced["path"]) == raced["sha256"] != want.pop(raced["path"])  # the third machine's bytes
+    assert got == want
     # The shards' chunks never came to this machine: journals only; the commit copied them on the store,
     # and they read back with the sha256 the manifest records (store.path verifies it).
     assert fetched and not [rel for rel in fetched if rel.startswith("chunks/")]
-    for chunk in cache.manifest.chunks:
-        assert store.path(cache.manifest, chunk.path, verify=True).stat().st_size == chunk.bytes
+    for chunk in cache.manifest.chunks:  # the bytes are the ones the chunk list (and the reader) expects
+        data = store.path(cache.manifest, chunk.path, verify=True).read_bytes()
+        assert len(data) == chunk.bytes and hashlib.sha256(data).hexdigest() == chunk.sha256, chunk.path
     assert {f.path for f in cache.manifest.files} >= {c.path for c in cache.manifest.chunks}
     # The decoded-latents sheet read its rows from the chunks in place on the store.
     assert cache.manifest.stats["decode_check_samples"] > 0
