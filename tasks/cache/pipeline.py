@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from data_contracts.store import atomic_write_text
 from tasks.cache.chunks import (
     ChunkPlan,
     append_journal,
@@ -385,17 +385,15 @@ def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
     if job.device == "cpu":
         torch.set_num_threads(1)
     progress = Path(result_dir, f"progress-{rank}.json")  # what a participant stopped mid-start-up got to
-    progress.write_text(json.dumps({"up": up}))
+    atomic_write_text(progress, json.dumps({"up": up}))
     samples = pq.read_table(job.samples_path)
     vae = load_vae(job.model, Path(job.cache_dir))
     loaded = time.time()
-    progress.write_text(json.dumps({"up": up, "loaded": loaded}))
+    atomic_write_text(progress, json.dumps({"up": up, "loaded": loaded}))
     stats = _run_participant(rank, job, samples, vae)
     stats.participants = [_timeline(rank, job, up, loaded, stats)]
-    final = Path(result_dir, f"stats-{rank}.json")
-    tmp = final.with_suffix(".tmp")  # a stop mid-write must not leave half a JSON under the name read back
-    tmp.write_text(json.dumps(stats.__dict__))
-    os.replace(tmp, final)
+    # atomic: a stop mid-write must not leave half a JSON under the name read back
+    atomic_write_text(Path(result_dir, f"stats-{rank}.json"), json.dumps(stats.__dict__))
 
 
 def _stop(workers) -> None:

@@ -47,11 +47,12 @@ def _journal_rel(k: int) -> str:
     return f"_journal-s{k:05d}.jsonl"
 
 
-def _entry(ctx: StageContext, k: int, plan_path: str, key: str) -> dict | None:
+def _entry(ctx: StageContext, k: int, plan_path: str, key: str, just_written: bool = False) -> dict | None:
     """Shard k's journal entry when its chunk is written (both fetched when another machine wrote them;
-    fetched again when the local copies are a killed run's leftovers that another machine has finished)."""
+    fetched again when the local copies are a killed run's leftovers that another machine has finished).
+    just_written: this process has just written and journalled the chunk, so its size is proof enough."""
     for refresh in (False, True) if not ctx.store.is_local else (False,):
-        entry = _read_entry(ctx, k, plan_path, key, refresh)
+        entry = _read_entry(ctx, k, plan_path, key, refresh, just_written)
         if entry is not None:
             return entry
     return None
@@ -63,7 +64,8 @@ def published_rel(entry: dict) -> str:
     return f"{entry['path']}.{entry['sha256'][:16]}"
 
 
-def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bool) -> dict | None:
+def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bool,
+                just_written: bool = False) -> dict | None:
     """The journal entry of shard k's chunk when its bytes are here or on the store. An entry accepted from
     the store carries `published` (the published name): that chunk is never downloaded (the commit copies it
     on the store; the decoded-latents sheet reads a few rows of it in place)."""
@@ -84,7 +86,7 @@ def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bo
         # one process). On object storage the journal may be another machine's and a local file a killed
         # attempt's leftover of the same size: it counts only with the journalled sha256.
         if chunk.is_file() and chunk.stat().st_size == entry["bytes"] and \
-                (ctx.store.is_local or sha256_file(str(chunk)) == entry["sha256"]):
+                (ctx.store.is_local or just_written or sha256_file(str(chunk)) == entry["sha256"]):
             return entry
         if ctx.store.work_published_size(ctx.stage, ctx.fingerprint, published_rel(entry)) == entry["bytes"]:
             chunk.unlink(missing_ok=True)  # a killed attempt's leftover here: the journalled bytes are on the store
@@ -161,7 +163,7 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
                          store_std=cfg.store_std, work=ctx.work, journal=journal,
                          threads=max(1, runtime.max_workers), encoder=encoder,
                          compile_min_images=cfg.compile_min_images, bucket_rows=bucket_sizes(plans))
-    entry = _entry(ctx, k, plan.path, plan.key)
+    entry = _entry(ctx, k, plan.path, plan.key, just_written=True)  # write_chunk hashed it: no second read
     if entry is None:
         raise StageError(f"cache shard {k}: {plan.path} was not journalled")
     _publish(ctx, k, entry)

@@ -182,7 +182,7 @@ def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], chunk_ids: list[n
     rows = read_chunk_sample([f"{work_url}/{where[c.path]}" if c.path in where else str(ctx.work / c.path)
                               for c in chunks], seed=ctx.cfg.seed, max_items=12,
                              filesystems=[ctx.store.fs if c.path in where else None for c in chunks],
-                             ids=chunk_ids)
+                             ids_per_file=chunk_ids)
     ids = rows.column("id").to_pylist()
     buckets = read_upstream(ctx.store, ctx.upstream["bucket"], "buckets", BUCKETS_SCHEMA, None)
     posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "image_path"])

@@ -57,15 +57,16 @@ def _in_fs(path: Path | str, fs: Any) -> str:
 
 
 def read_chunk_sample(paths: Sequence[Path | str], *, seed: int = 0, max_items: int = 12,
-                      filesystems: Sequence[Any] | None = None, ids: Sequence[np.ndarray] | None = None) -> pa.Table:
+                      filesystems: Sequence[Any] | None = None,
+                      ids_per_file: Sequence[np.ndarray] | None = None) -> pa.Table:
     """max_items chunk rows chosen by seed across all chunk files, reading only the id column of every
-    file (or nothing, when `ids` gives each file's ids) and then only the chosen rows (latents are large;
+    file (or nothing, when `ids_per_file` gives them) and then only the chosen rows (latents are large;
     the id filter skips row groups by their statistics). filesystems: per path, an fsspec filesystem to read
     it through in place (ranged reads of a chunk on object storage), or None for a local file."""
     fss = list(filesystems) if filesystems is not None else [None] * len(paths)
     found: list[tuple[int, int]] = []  # (file index, id)
     for i, path in enumerate(paths):
-        file_ids = ids[i] if ids is not None else \
+        file_ids = ids_per_file[i] if ids_per_file is not None else \
             pq.read_table(_in_fs(path, fss[i]), columns=["id"], filesystem=fss[i]).column("id").to_numpy()
         found += [(i, int(x)) for x in file_ids]
     if not found:
