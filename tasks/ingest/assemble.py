@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_contracts.errors import StageError
 from data_contracts.ingest import POSTS_SCHEMA, REJECTS
 from data_contracts.tables import rows_to_table
 from pipeline_config.ingest import IngestConfig, counted_tags
@@ -104,8 +105,11 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
             path = image_relpath(post.md5, post.file_ext) if post.md5 and post.file_ext else ""
             if post.id in wanted_owners and path:
                 owner_paths[post.id] = path
-            if post.id in failed or post.id not in ledger.outcome_ok:
-                reason, detail = failed.get(post.id, ("not_downloaded", "no download outcome recorded"))
+            if post.id not in ledger.outcome_ok:  # never written off: a post without an outcome is not done
+                raise StageError(f"ingest: post {post.id} has no download outcome; rerun `fm run ingest` to fetch "
+                                 "it (nothing was committed)")
+            if post.id in failed:
+                reason, detail = failed[post.id]
                 rejects.add({"id": post.id, "reason": reason, "detail": detail, "query": labels[qi]})
                 reasons[reason] += 1
                 failed_by_q[qi] += 1

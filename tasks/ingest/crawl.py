@@ -13,12 +13,15 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
+from data_contracts.errors import StageError
 from pipeline_config.ingest import IngestConfig
 from pipeline_config.secrets import redact
 from tasks.ingest.api import DanbooruClient, FetchFailed, page_error
-from tasks.ingest.download import Downloader, clean_incoming, outcome_json
+from tasks.ingest.download import Downloader, Outcome, clean_incoming, outcome_json
+from tasks.ingest.embedded import served_by
 from tasks.ingest.filters import PostFilter
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.parse import Post, to_int
@@ -55,9 +58,35 @@ class _Progress:
         self.fn(min(0.99, done / total), f"{done} files done, {taken} posts taken")
 
 
+def pending_error(failures: dict[int, tuple[str, str]], finished: int) -> StageError:
+    """The message for downloads that failed for transient reasons only: nothing is committed, a rerun retries."""
+    by_reason = Counter(reason for reason, _ in failures.values())
+    post_id, (reason, detail) = min(failures.items())
+    return StageError(redact(
+        f"ingest: {len(failures)} post(s) could not be downloaded for now "
+        f"({', '.join(f'{r} {n}' for r, n in by_reason.most_common())}; e.g. post {post_id}: {detail}). "
+        f"Transient failures are never written off as rejects, so nothing was committed; the {finished} finished "
+        "download(s) are kept. Rerun `fm run ingest` to retry the rest (check the network, the server, or "
+        "lower ingest.api.concurrency / requests_per_s if the server is overloaded)"))
+
+
+def settle(ledger: Ledger, post: Post, outcome: Outcome, log: logging.Logger) -> None:
+    """Journal a final outcome; keep a transient failure pending (a rerun retries it)."""
+    if outcome.transient:
+        ledger.defer(post.id, outcome.reason, outcome.detail)
+        log.debug("post %s: %s, left pending for a rerun", post.id, outcome.reason)
+        return
+    ledger.record_outcome(outcome_json(post.id, post.md5, outcome))
+    if not outcome.ok:
+        log.debug("post %s rejected: %s %s", post.id, outcome.reason, redact(outcome.detail))
+
+
 async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, login: str | None,
-                    api_key: str | None, progress: ProgressFn, log: logging.Logger) -> dict:
-    """Run the crawl + downloads to completion (or raise StageError); returns client/downloader stats."""
+                    api_key: str | None, progress: ProgressFn, log: logging.Logger, embedded: bool = False) -> dict:
+    """Run the crawl + downloads to completion (or raise StageError); returns client/downloader stats.
+
+    embedded: the mini-booru serves the files on this run's port, so posts journaled by an earlier run (another
+    port) are re-pointed here before their download."""
     plan = query_plan(cfg)
     quotas = [quota for _, _, quota in plan]
     post_filter = PostFilter(cfg.filters, need_file_url=True)
@@ -79,10 +108,8 @@ async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, l
                     if item is None:
                         return
                     _, post = item
-                    outcome = await downloader.download(post)
-                    ledger.record_outcome(outcome_json(post.id, post.md5, outcome))
-                    if not outcome.ok:
-                        log.debug("post %s rejected: %s %s", post.id, outcome.reason, redact(outcome.detail))
+                    outcome = await downloader.download(served_by(post, base_url) if embedded else post)
+                    settle(ledger, post, outcome, log)
                     report()
 
             async def crawler() -> None:
@@ -106,6 +133,8 @@ async def crawl_api(cfg: IngestConfig, base_url: str, ledger: Ledger, pool, *, l
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
             report(force=True)
+            if ledger.deferred:
+                raise pending_error(ledger.deferred, len(ledger.outcome_ok))
             peak = verifier.peak_rss_mib() if isinstance(verifier, ProcessVerifier) else None
             return {
                 "http": dict(client.stats),
@@ -173,8 +202,10 @@ async def crawl_metadata(cfg: IngestConfig, base_url: str, ledger: Ledger, *, lo
 
 async def download_posts(cfg: IngestConfig, base_url: str, posts: list[Post], record: Callable[[dict], None],
                          pool, *, login: str | None, api_key: str | None, log: logging.Logger,
-                         verify_mode: str | None = None) -> dict:
-    """Download and verify `posts` into the pool, `api.concurrency` at a time; record(outcome) for each."""
+                         verify_mode: str | None = None, deferred: dict[int, tuple[str, str]] | None = None) -> dict:
+    """Download and verify `posts` into the pool, `api.concurrency` at a time; record(outcome) for each final
+    outcome. Transient failures are not recorded: they land in `deferred` (id -> (reason, detail))."""
+    deferred = {} if deferred is None else deferred
     queue: asyncio.Queue[Post | None] = asyncio.Queue()
     for post in posts:
         queue.put_nowait(post)
@@ -193,6 +224,9 @@ async def download_posts(cfg: IngestConfig, base_url: str, posts: list[Post], re
             async def worker() -> None:
                 while (post := await queue.get()) is not None:
                     outcome = await downloader.download(post)
+                    if outcome.transient:  # not journaled: the shard stays unfinished, a rerun retries it
+                        deferred[post.id] = (outcome.reason, outcome.detail)
+                        continue
                     record(outcome_json(post.id, post.md5, outcome))
                     if not outcome.ok:
                         log.debug("post %s rejected: %s %s", post.id, outcome.reason, redact(outcome.detail))

@@ -24,7 +24,7 @@ import aiohttp
 from data_contracts.store import remote_pool
 from tasks.ingest.api import DanbooruClient, FetchFailed
 from tasks.ingest.parse import Post
-from tasks.ingest.reasons import Reject
+from tasks.ingest.reasons import Reject, is_transient
 from tasks.ingest.verify import ProcessVerifier, ThreadVerifier
 
 CHUNK = 1 << 18
@@ -47,6 +47,11 @@ class Outcome:
     image_path: str = ""  # relative to the pool
     fetched_bytes: int = 0  # 0 when the pool already had the file
     attempts: int = 0
+
+    @property
+    def transient(self) -> bool:
+        """A failure of the network or server, not of the post: retried by a rerun, never a reject."""
+        return not self.ok and is_transient(self.reason)
 
 
 def pool_has(pool: Path, post: Post) -> str | None:
@@ -175,6 +180,7 @@ class Downloader:
                 started = time.perf_counter()
                 reject = await self.verifier.verify(tmp, post, actual, self.max_pixels, ctype)
                 self.stats["verify_s"] += time.perf_counter() - started
+                reject = short_body(reject, post, size, tmp)
                 if reject is None:
                     if remote_pool(self.pool) is not None:  # an upload: keep the event loop free
                         await asyncio.to_thread(commit_to_pool, tmp, self.pool, rel)
@@ -189,6 +195,25 @@ class Downloader:
             return Outcome(False, reject.reason, reject.detail, fetched_bytes=fetched, attempts=attempts)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF")  # JPEG, PNG, GIF, WebP
+
+
+def short_body(reject: Reject | None, post: Post, size: int, path: Path) -> Reject | None:
+    """An image's first bytes but fewer of them than the post's file_size: the transfer was cut, whatever the
+    decoder made of the stump (a cut inside the JPEG header reads as "not an image"). An HTML error page
+    is no image at all and keeps its reason."""
+    if reject is None or reject.reason != "not_an_image" or not post.file_size or size >= post.file_size:
+        return reject
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return reject
+    if not head.startswith(_MAGIC):
+        return reject
+    return Reject("truncated", f"received {size} of {post.file_size} bytes ({reject.reason}: {reject.detail})")
 
 
 def outcome_json(post_id: int, md5: str | None, outcome: Outcome) -> dict[str, Any]:

@@ -7,11 +7,14 @@ of danbooru.donmai.us: same client, paging, retries, verification.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from pipeline_config.ingest import EMBEDDED_URL, EmbeddedConfig, IngestConfig
+from tasks.ingest.parse import Post
 
 log = logging.getLogger("booruflow.ingest")
 
@@ -41,3 +44,13 @@ def api_endpoint(cfg: IngestConfig, cache_dir: str | Path) -> Iterator[tuple[str
     with serve_minibooru(folder, host="127.0.0.1", port=0, tag_limit=cfg.api.tag_limit) as server:
         log.info("ingest: serving the embedded mini-booru %s at %s", folder.name, server.url)
         yield server.url, True
+
+
+def served_by(post: Post, base_url: str) -> Post:
+    """The post with its file URL on `base_url`'s host: the embedded mini-booru that answered the crawl (an
+    earlier run, another process, another port) is gone; the same files are served here."""
+    if not post.file_url:
+        return post
+    here = urlsplit(base_url)
+    return dataclasses.replace(post, file_url=urlsplit(post.file_url)._replace(scheme=here.scheme,
+                                                                                netloc=here.netloc).geturl())

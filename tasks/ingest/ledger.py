@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from tasks.ingest.filters import PostFilter, Reject
 from tasks.ingest.journal import Journal
 from tasks.ingest.parse import ParseError, Post, parse_post, to_int
+from tasks.ingest.reasons import is_transient
 
 
 @dataclass
@@ -54,6 +55,11 @@ def shard_download_journals(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.downloads.jsonl"))
 
 
+def is_final(record: Mapping[str, Any]) -> bool:
+    """Whether a download record settles its post (journals of older versions also hold transient failures)."""
+    return bool(record["ok"]) or not is_transient(str(record.get("reason", "")))
+
+
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:
     """The complete records of a journal another process may still be appending to (read-only)."""
     with open(path, "rb") as fh:
@@ -75,6 +81,8 @@ class Ledger:
         self.md5_owner: dict[str, int] = {}
         self.outcome_ok: dict[int, bool] = {}
         self.pending: dict[int, tuple[int, Post]] = {}  # accepted, download not finished: id -> (q, post)
+        # Posts of this run whose download failed for a transient reason (still pending): id -> (reason, detail)
+        self.deferred: dict[int, tuple[str, str]] = {}
         self.dump_offset = 0
         self.dump_done = False
         self._replay()
@@ -82,7 +90,8 @@ class Ledger:
     # --- replay ----------------------------------------------------------------------------------------
     def _replay(self) -> None:
         for rec in self.download_records():
-            self.outcome_ok[int(rec["id"])] = bool(rec["ok"])
+            if is_final(rec):
+                self.outcome_ok[int(rec["id"])] = bool(rec["ok"])
         for rec in self.pages.records():
             self._apply(rec, replay=True)
 
@@ -172,10 +181,16 @@ class Ledger:
         self._apply(rec, replay=False, posts=page.accepted)
 
     def record_outcome(self, record: dict[str, Any]) -> None:
+        """A final outcome (downloaded, or rejected for a reason that is a fact about the post): journaled."""
         self.downloads.append(record)
         post_id = int(record["id"])
         self.outcome_ok[post_id] = bool(record["ok"])
         self.pending.pop(post_id, None)
+        self.deferred.pop(post_id, None)
+
+    def defer(self, post_id: int, reason: str, detail: str) -> None:
+        """A transient failure: not journaled, the post stays pending for the next attempt."""
+        self.deferred[post_id] = (reason, detail)
 
     # --- reading back ------------------------------------------------------------------------------------
     def taken(self) -> Iterator[tuple[int, Post]]:
@@ -190,10 +205,11 @@ class Ledger:
                 yield qi, int(post_id or 0), reason, detail
 
     def download_records(self) -> Iterator[dict[str, Any]]:
-        """Every download outcome: this process's journal, then each shard's (a later record of an id wins)."""
-        yield from self.downloads.records()
+        """Every final download outcome: this process's journal, then each shard's (a later record of an id
+        wins)."""
+        yield from filter(is_final, self.downloads.records())
         for path in shard_download_journals(self.downloads.path.parent):
-            yield from read_journal(path)
+            yield from filter(is_final, read_journal(path))
 
     def close(self) -> None:
         self.pages.close()

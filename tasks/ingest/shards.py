@@ -13,7 +13,6 @@ and the downloads pipelined in one event loop (the faster way on one machine).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -32,6 +31,7 @@ from tasks.ingest.api import resolve_credentials
 from tasks.ingest.crawl import (
     crawl_metadata,
     download_posts,
+    pending_error,
     query_plan,
     run_async,
     verify_workers,
@@ -42,9 +42,9 @@ from tasks.ingest.dump_reader import (
     import_dump_files,
     metadata_files,
 )
-from tasks.ingest.embedded import api_endpoint
+from tasks.ingest.embedded import api_endpoint, served_by
 from tasks.ingest.journal import Journal
-from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, read_journal
+from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, is_final, read_journal
 from tasks.ingest.parse import Post
 
 JOURNAL_DIR = "journal"
@@ -170,19 +170,9 @@ def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
     return shards
 
 
-def _served_by(post: Post, base_url: str) -> Post:
-    """The post with its file URL on `base_url`'s host: the embedded mini-booru that answered the crawl
-    (another process, another port) is gone; the same files are served here."""
-    if not post.file_url:
-        return post
-    here = urlsplit(base_url)
-    return dataclasses.replace(post, file_url=urlsplit(post.file_url)._replace(scheme=here.scheme,
-                                                                                netloc=here.netloc).geturl())
-
-
 def _outcomes(path: Path) -> dict[int, bool]:
     """Post id -> ok of every complete record of a shard journal (a later record of an id wins)."""
-    return {int(r["id"]): bool(r["ok"]) for r in read_journal(path)} if path.exists() else {}
+    return {int(r["id"]): bool(r["ok"]) for r in read_journal(path) if is_final(r)} if path.exists() else {}
 
 
 def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
@@ -209,20 +199,24 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     todo = [p for p in posts if p.id not in finished]
     pool = ctx.store.pool_dir()
     pool.mkdir(parents=True, exist_ok=True)
+    deferred: dict[int, tuple[str, str]] = {}  # transient failures: not journaled, the shard stays unfinished
     with Journal(journal_path) as journal:  # opening cuts a torn last line left by a kill
         if cfg.source == "danbooru_api":
             # A daemonic worker (Dask's) may not start processes of its own: decode in threads there.
             mode = "thread" if multiprocessing.current_process().daemon else None
             with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, embedded):
                 if embedded:  # this worker serves the mini-booru on a port of its own
-                    todo = [_served_by(post, base_url) for post in todo]
+                    todo = [served_by(post, base_url) for post in todo]
                 stats = run_async(download_posts(cfg, base_url, todo, journal.append, pool, login=login,
-                                                 api_key=api_key, log=ctx.log, verify_mode=mode))
+                                                 api_key=api_key, log=ctx.log, verify_mode=mode,
+                                                 deferred=deferred))
         else:
             stats = {"dump": import_dump_files(cfg, todo, pool, journal.append, workers=verify_workers(cfg),
                                                images=_dump_images(cfg))}
         journal.sync()  # every outcome on disk before the done mark (a power loss must not keep the mark only)
     outcomes = _outcomes(journal_path)
+    if deferred:
+        raise pending_error(deferred, len(outcomes))
     missing = [p.id for p in posts if p.id not in outcomes]
     if missing:
         raise StageError(f"ingest shard {k}: no outcome recorded for posts {missing[:5]}")

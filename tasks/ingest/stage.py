@@ -91,11 +91,11 @@ def _fetch_here(ctx: StageContext, ledger: Ledger, plan: list[tuple[str, str, in
         return {"dump": import_dump(cfg, ledger, pool, plan, progress=ctx.progress, log=ctx.log,
                                     workers=verify_workers(cfg))}
     login, api_key = (None, None) if cfg.api.base_url == EMBEDDED_URL else resolve_credentials(cfg.api)
-    with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
+    with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, embedded):
         ctx.log.info("ingest: crawling %s (%d queries, %s)", source_desc, len(plan),
                      "authenticated" if login else "anonymous")
         return run_async(crawl_api(cfg, base_url, ledger, pool, login=login, api_key=api_key,
-                                   progress=ctx.progress, log=ctx.log))
+                                   progress=ctx.progress, log=ctx.log, embedded=embedded))
 
 
 def _rss_mib() -> float | None:

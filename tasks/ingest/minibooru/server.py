@@ -85,6 +85,7 @@ class Faults:
     wrong_bytes_ids       files of these posts answer with another post's (valid) image -> md5 mismatch
     html_error_ids        files of these posts answer 200 text/html (a Cloudflare-like page)
     missing_ids           files of these posts answer 404
+    unavailable_ids       files of these posts answer 503 every time (a server that stays down for them)
     restricted_ids        these posts are served as the viewer may not see them (no md5 / file URLs)
     """
 
@@ -102,6 +103,7 @@ class Faults:
     wrong_bytes_ids: set[int] = field(default_factory=set)
     html_error_ids: set[int] = field(default_factory=set)
     missing_ids: set[int] = field(default_factory=set)
+    unavailable_ids: set[int] = field(default_factory=set)
     restricted_ids: set[int] = field(default_factory=set)
     # per-URL attempt counters for server_error_first_k (reset by replacing the Faults object)
     _attempts: Counter = field(default_factory=Counter, repr=False, compare=False)
@@ -765,6 +767,8 @@ class MiniBooruServer:
         if gate is not None:
             return self._respond(kind, gate)
         f = self._faults
+        if pid in f.unavailable_ids:
+            return self._respond(kind, _error(503, "ServiceUnavailable", "Danbooru is down for maintenance."))
         if pid in f.missing_ids:
             return self._respond(kind, web.Response(status=404, body=b"<html><body><h1>404 Not Found</h1></body></html>",
                                                     content_type="text/html"))
