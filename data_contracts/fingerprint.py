@@ -33,6 +33,19 @@ def stage_fingerprint(
     )
 
 
+# Files that describe an output for people (reports, pictures, TensorBoard events with wall-clock times):
+# not part of what a downstream stage consumes, so they do not change its identity.
+PRESENTATION = ("report.json", "visuals/", "tb/")
+
+
+def content_id(manifest: Any) -> str:
+    """An upstream output as a downstream fingerprint sees it: its fingerprint plus the digest of the sha256s
+    of its data files (the manifest already holds them). Equal content, equal id; a forced rebuild that made
+    other data gives another id."""
+    data = sorted((f.path, f.sha256) for f in manifest.files if not f.path.startswith(PRESENTATION))
+    return f"{manifest.fingerprint}.{digest(data, 12)}"
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

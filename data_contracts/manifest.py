@@ -64,7 +64,7 @@ def parse_manifest(text: str, cls: type[StageManifest], where: str) -> StageMani
     if cls.CONTRACT_VERSION and found != cls.CONTRACT_VERSION:
         raise ContractError(
             f"{where}: field 'contract_version' expected {cls.CONTRACT_VERSION}, found {found!r} — "
-            f"this output was written by another version of the {cls.STAGE} stage; rerun it with --force"
+            f"this output was written by another version of the {cls.STAGE} stage; rerun `fm run {cls.STAGE} --force`"
         )
     try:
         return cls.model_validate(raw)

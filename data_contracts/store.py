@@ -326,12 +326,12 @@ class ArtifactStore:
         if local.stat().st_size != entry.size:
             raise ContractError(
                 f"{local}: size expected {entry.size} bytes (manifest), found {local.stat().st_size} — "
-                "the file was truncated or replaced; rerun the stage with --force"
+                f"the file was truncated or replaced; rerun `fm run {manifest.stage} --force`"
             )
         if verify and sha256_file(str(local)) != entry.sha256:
             raise ContractError(
                 f"{local}: sha256 expected {entry.sha256} (manifest), found another — the file is corrupt; "
-                "rerun the stage with --force"
+                f"rerun `fm run {manifest.stage} --force`"
             )
         return local
 
@@ -392,14 +392,25 @@ class ArtifactStore:
         except FileNotFoundError:
             pass
 
-    def commit(self, manifest: M, work: Path, published: Mapping[str, FileEntry] | None = None) -> M:
+    def commit(self, manifest: M, work: Path, published: Mapping[str, FileEntry] | None = None,
+               replace: bool = False) -> M:
         """List every file with size + sha256, write the manifest last, publish atomically.
+
+        replace: a forced rebuild may replace a complete output of the same fingerprint; otherwise a complete
+        output that appeared meanwhile (another run committed first) is kept, this work is dropped, and the
+        manifest in place is returned.
 
         published: output files that exist only in the store's work folder, by the name other machines
         published them under (`work_put(..., as_rel=...)`, content-addressed so the bytes behind a name never
         change) -> their entry (output path, size and sha256 their writer recorded). They are copied into the
         output on the store without passing through this machine. Object storage only; a local file of the
         same output path is an error (which of the two is meant?)."""
+        stage, fp = manifest.stage, manifest.fingerprint
+        if not replace and self.is_complete(stage, fp):
+            kept = self.read_manifest(type(manifest), fp)
+            shutil.rmtree(work, ignore_errors=True)
+            self.set_current(stage, fp)
+            return kept
         local = list_files(work)
         have = {e.path for e in local}
         published = dict(published or {})
@@ -412,7 +423,6 @@ class ArtifactStore:
             raise StageError(f"{manifest.stage}: {clash[0]} is both in the work folder and published by another "
                              "machine; rerun the stage to resolve it")
         manifest.files = sorted(local + list(published.values()), key=lambda e: PurePosixPath(e.path))
-        stage, fp = manifest.stage, manifest.fingerprint
         if self.is_local:
             atomic_write_text(work / MANIFEST_NAME, manifest.to_json())
             final = Path(self._join(stage, fp))

@@ -16,6 +16,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Validate before anything starts: a typo must not cost a Prefect server's start-up.
+    from pipeline_config.load import load_config
+    from tasks.registry import select_stages
+
+    load_config(args.config, args.override)
+    select_stages(args.stages or None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["BOORUFLOW_CLI_PROGRESS"] = "1"  # rich progress bars for in-process runs on a terminal
     from flows.fm import fm
@@ -47,16 +53,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from data_contracts.registry import manifest_class
     from data_contracts.store import ArtifactStore
+    from data_contracts.verify import verify_output
     from pipeline_config.load import load_config
+    from tasks.registry import check_stage
 
+    stage = check_stage(args.stage)
     cfg = load_config(args.config, args.override)
     store = ArtifactStore.for_config(cfg)
-    manifest = store.read_manifest(manifest_class(args.stage), args.fingerprint)
-    for entry in manifest.files:  # validates size and sha256 of every listed file
-        store.path(manifest, entry.path, verify=not args.quick)
-    print(manifest.to_json())
-    print(f"OK: {len(manifest.files)} files verified", file=sys.stderr)
-    return 0
+    manifest = store.read_manifest(manifest_class(stage), args.fingerprint)
+    result = verify_output(store, manifest, checksums=not args.quick)
+    print(f"{stage} {manifest.fingerprint}: {store.output_url(stage, manifest.fingerprint)}")
+    print("rows: " + (", ".join(f"{k}={v}" for k, v in manifest.row_counts.items()) or "-")
+          + f"; {len(manifest.files)} files, {sum(f.size for f in manifest.files) / 2**20:.1f} MiB; "
+          f"created {manifest.created_at}")
+    if args.json:
+        print(manifest.to_json())
+    what = "size" if args.quick else "size + sha256"
+    if result.ok:
+        print(f"OK: {result.files} files verified ({what}), row counts match their tables", file=sys.stderr)
+        return 0
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print(f"{len(result.problems)} problem(s): rerun `fm run {stage} --force` to rebuild this output",
+          file=sys.stderr)
+    return 1
 
 
 def start_file_server(config: str):
@@ -171,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("--fingerprint", default=None, help="a specific output instead of the current one")
     p.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+    p.add_argument("--json", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the manifest JSON after the summary (default: on)")
     _common(p)
     p.set_defaults(func=cmd_inspect)
 

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.errors import ConfigError
+from data_contracts.lock import StageLock
 from data_contracts.store import ArtifactStore
 from flows.publish import ProgressReporter, publish_outcome
 from pipeline_config.load import load_config
@@ -26,20 +27,7 @@ from tasks.common.stage import (
     reopen_stage,
     worker_slots,
 )
-from tasks.registry import DAG_ORDER, implemented_stages, stage_spec
-
-
-def select_stages(stages: list[str] | None) -> list[str]:
-    """Requested stages in DAG order; unknown or not-yet-implemented names are config errors."""
-    available = implemented_stages()
-    if not stages or stages == ["all"] or stages == "all":
-        return available
-    unknown = [s for s in stages if s not in available]
-    if unknown:
-        planned = [s for s in unknown if s in DAG_ORDER]
-        extra = f" ({', '.join(planned)} not implemented yet)" if planned else ""
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}{extra}; available: {', '.join(available)}")
-    return [s for s in available if s in stages]
+from tasks.registry import select_stages, stage_spec
 
 
 def secret_env_names(cfg: PipelineConfig) -> list[str]:
@@ -229,9 +217,11 @@ def device_worker_task(stage: str, cfg: PipelineConfig, fingerprint: str, device
 
 
 @task(name="merge", retries=0, cache_policy=NO_CACHE)
-def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[dict[str, Any]],
+               force: bool = False) -> dict[str, Any]:
     install_redaction()
-    prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+    prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger(),  # type: ignore[arg-type]
+                            force=force)
     outcome = finish_stage(prepared, results)
     _publish(stage, cfg, outcome)
     return _outcome_summary(stage, outcome, results)
@@ -252,7 +242,7 @@ def _ray_gpu_options(stage: str, cfg: PipelineConfig):
     return remote_options(num_gpus=1)
 
 
-def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[str, Any]:
+def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Map the stage's shards over the configured task runner, then merge into one contract.
 
     A stage that asks for worker processes (one per GPU) under the thread runner gets one task per
@@ -282,7 +272,8 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[s
         # A shard nobody reported (a worker died after claiming it) is run by the merge (build runs any
         # shard missing from the journal).
         results = [by_index[int(s["index"])] for s in info["shards"] if int(s["index"]) in by_index]
-        return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
+        return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results,
+                                                                        force)
     with make_task_runner(cfg) as runner, _ray_gpu_options(stage, cfg):
         futures = [
             runner.submit(
@@ -292,14 +283,15 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any]) -> dict[s
             for i, shard in enumerate(info["shards"])
         ]
         results = [f.result() for f in futures]
-    return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results)
+    return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results, force)
 
 
 def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    # The GPU slot spans the whole stage (prepare, every shard on whatever runner, merge).
-    with _gpu_slot(stage, cfg, force):
+    # The stage lock on the data root, then the GPU slot, each spanning the whole stage (prepare, every shard
+    # on whatever runner, merge): a second run of the stage waits for the lock without holding a GPU.
+    with StageLock(_store(cfg), stage, log=get_run_logger()), _gpu_slot(stage, cfg, force):  # type: ignore[arg-type]
         info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
-        return run_sharded(stage, cfg, info) if info["shards"] and not info["cached"] else info
+        return run_sharded(stage, cfg, info, force) if info["shards"] and not info["cached"] else info
 
 
 def run_ab_experiment(cfg: PipelineConfig, force: bool) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data_contracts.errors import ContractError, StageError
-from data_contracts.fingerprint import digest, stage_fingerprint
+from data_contracts.fingerprint import content_id, digest, stage_fingerprint
+from data_contracts.lock import StageLock
 from data_contracts.manifest import FileEntry, StageManifest
 from data_contracts.registry import manifest_class
 from data_contracts.store import ArtifactStore
@@ -115,11 +116,13 @@ def compute_fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str
     section = section_dict(cfg, spec.name)
     if spec.fingerprint_extra is not None:
         section = {**section, "_extra": spec.fingerprint_extra(cfg)}
+    # Upstreams by what they hold, not only by how they were made: a forced rebuild that produced other
+    # data (a pool image gone, another GPU's rounding) gives every downstream stage a new fingerprint.
     return stage_fingerprint(
         spec.name,
         cls.CONTRACT_VERSION,
         section,
-        {name: m.fingerprint for name, m in upstream.items()},
+        {name: content_id(m) for name, m in upstream.items()},
         spec.code_version,
     )
 
@@ -146,6 +149,7 @@ class PreparedStage:
     ctx: StageContext
     started: float
     cached: StageOutcome | None  # set when a complete output with this fingerprint exists
+    force: bool = False  # a forced rebuild: its commit replaces a complete output of the same fingerprint
 
 
 def prepare_stage(
@@ -173,7 +177,7 @@ def prepare_stage(
     work = store.begin(spec.name, fp, resume=spec.resumable and not force)
     log.info("%s: building %s in %s", spec.name, fp, work)
     ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, progress)
-    return PreparedStage(spec, ctx, started, None)
+    return PreparedStage(spec, ctx, started, None, force)
 
 
 def reopen_stage(
@@ -183,6 +187,7 @@ def reopen_stage(
     fingerprint: str,
     *,
     log: logging.Logger | None = None,
+    force: bool = False,
 ) -> PreparedStage:
     """The context of a stage prepared elsewhere (another task or worker): same work folder, no wipe."""
     log = log or logging.getLogger(f"booruflow.{spec.name}")
@@ -195,7 +200,7 @@ def reopen_stage(
     work = store.work_dir(spec.name, fp)
     work.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, _noop_progress)
-    return PreparedStage(spec, ctx, time.monotonic(), None)
+    return PreparedStage(spec, ctx, time.monotonic(), None, force)
 
 
 def plan_shards(prepared: PreparedStage) -> list[dict[str, Any]]:
@@ -232,7 +237,7 @@ def finish_stage(prepared: PreparedStage, shard_results: list[dict[str, Any]] | 
         stats=result.stats,
         **result.manifest_fields,
     )
-    manifest = ctx.store.commit(manifest, ctx.work, published=result.published)
+    manifest = ctx.store.commit(manifest, ctx.work, published=result.published, replace=prepared.force)
     seconds = time.monotonic() - prepared.started
     ctx.log.info("%s: wrote %s in %.1fs", spec.name, ctx.fingerprint, seconds)
     return StageOutcome(manifest, False, result.report, ctx.store.output_url(spec.name, ctx.fingerprint), seconds)
@@ -247,7 +252,14 @@ def run_stage(
     progress: ProgressFn = _noop_progress,
     log: logging.Logger | None = None,
 ) -> StageOutcome:
-    """Run one stage start to finish in this process (shards, if any, one after another)."""
+    """Run one stage start to finish in this process (shards, if any, one after another), holding the
+    stage's lock on the data root (a second run waits for it)."""
+    with StageLock(store, spec.name, log=log or logging.getLogger(f"booruflow.{spec.name}")):
+        return _run_stage_locked(spec, cfg, store, force=force, progress=progress, log=log)
+
+
+def _run_stage_locked(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore, *, force: bool,
+                      progress: ProgressFn, log: logging.Logger | None) -> StageOutcome:
     prepared = prepare_stage(spec, cfg, store, force=force, progress=progress, log=log)
     shards = plan_shards(prepared)
     slots = worker_slots(prepared, len(shards))

@@ -126,7 +126,7 @@ def test_force_rewrite_replaces_complete_output(tmp_path):
     for n in (1, 2):
         work = store.begin("quality", "abc", resume=False)
         write_table(QUALITY_ROWS.slice(0, n), work / "quality.parquet", QUALITY_SCHEMA)
-        store.commit(_manifest(row_counts={"quality": n}), work)
+        store.commit(_manifest(row_counts={"quality": n}), work, replace=True)  # a forced rebuild
     assert store.read_manifest(QualityManifest).row_counts == {"quality": 2}
     assert not list((tmp_path / "quality").glob(".old-*"))
 

@@ -158,3 +158,30 @@ def test_kill_matrix_on_the_embedded_booru_loses_no_post(tmp_path_factory, tmp_p
     assert pq.read_table(final / "posts.parquet").equals(ref_posts)
     assert pq.read_table(final / "rejects.parquet").equals(ref_rejects)
     assert "connection_error" not in pq.read_table(final / "rejects.parquet").column("reason").to_pylist()
+
+
+# --- two runs at once on one data root ------------------------------------------------------------------------
+
+def test_two_concurrent_runs_on_one_data_root(tmp_path_factory, tmp_path):
+    """The second run waits for the first's stage lock, then finds its complete output; inspect agrees."""
+    cache = tmp_path_factory.mktemp("concurrent-cache")
+    root = tmp_path / "data"
+    tree = _embedded_tree(root, cache)
+    first = _run_child(tree, tmp_path)
+    deadline = time.monotonic() + 60
+    while not _journal(root, "pages.jsonl"):  # the first run is crawling: it holds the lock
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    second = _run_child(tree, tmp_path)
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert first.returncode == 0, err1.decode()[-3000:]
+    assert second.returncode == 0, err2.decode()[-3000:]
+    r1, r2 = (json.loads(o.decode().strip().splitlines()[-1]) for o in (out1, out2))
+    assert r1 == r2
+    manifest = json.loads((root / "ingest" / r1["fingerprint"] / "manifest.json").read_text())
+    assert {"posts.parquet", "rejects.parquet"} <= {f["path"] for f in manifest["files"]}
+    inspect = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "ingest", "-o", f"data_root={root}",
+                              "--no-json"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert inspect.returncode == 0, inspect.stderr
+    assert f"posts={r1['posts']}" in inspect.stdout
