@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common.nvjpeg import decode_jpegs
-from tasks.tag.preprocess import ImageError, composite_white, open_image, pad_offsets
+from tasks.tag.preprocess import MISSING, ImageError, composite_white, open_image, pad_offsets
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -46,8 +46,8 @@ def load_file(path: Path) -> Loaded:
     """Reader-thread work: bytes of a complete JPEG, else PIL-decoded RGB (alpha on white), else the error."""
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        return ImageError("missing_image", str(exc))
+    except FileNotFoundError:
+        return ImageError(MISSING, f"{path} does not exist")
     except OSError as exc:
         return ImageError("unreadable_image", str(exc))
     if is_complete_jpeg(data):

@@ -17,6 +17,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 WHITE = (255, 255, 255)
+MISSING = "image_missing"  # the reason code the cache stage uses for the same fault
+
+
+def pool_relative(detail: str, path: Path, rel: str, pool: Path) -> str:
+    """A reject detail naming the image by its pool-relative path: rejects tables travel between machines,
+    and this machine's pool folder means nothing elsewhere."""
+    return detail.replace(str(path), rel).replace(f"{pool}/", "")
 
 
 class ImageError(Exception):
@@ -35,7 +42,7 @@ def open_image(source: bytes | Path) -> Image.Image:
         img.load()
         return img
     except FileNotFoundError as exc:
-        raise ImageError("missing_image", str(exc)) from exc
+        raise ImageError(MISSING, f"{source} does not exist") from exc
     except Image.DecompressionBombError as exc:  # > 2x PIL's pixel limit: refuse, do not exhaust memory
         raise ImageError("image_too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:

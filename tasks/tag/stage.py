@@ -37,10 +37,12 @@ from tasks.tag.gpu_pipeline import BatchResult, run_pipeline
 from tasks.tag.cpu_pipeline import run_cpu_pipeline
 from tasks.tag.merge import Merger, MergeRules
 from tasks.tag.model import TaggerFolder, resolve_model
+from tasks.tag.preprocess import pool_relative
 from tasks.tag.visuals import make_tag_sheets
 from tasks.tag.weights import compute_weights, weight_stats, weight_tables
 
-CODE_VERSION = "2"  # 2: shards planned/run one by one (same tables), report pictures
+CODE_VERSION = "3"  # 2: shards planned/run one by one (same tables), report pictures; 3: rejects say
+# image_missing (was missing_image) and name images by pool-relative path
 JOURNAL = "journal"
 SUMMARY = "summary.json"
 TAGS_FILE = "tags.parquet"
@@ -85,7 +87,8 @@ def tag_shard(posts: pa.Table, pool: Path, folder: TaggerFolder, cfg: Any, backe
     ids = posts["id"].to_pylist()
     general = dict(zip(ids, posts["tags_general"].to_pylist()))
     character = dict(zip(ids, posts["tags_character"].to_pylist()))
-    items = [(i, pool / rel) for i, rel in zip(ids, posts["image_path"].to_pylist())]
+    rels = dict(zip(ids, posts["image_path"].to_pylist()))
+    items = [(i, pool / rel) for i, rel in rels.items()]
     rows, rejects = [], []
     for result in _batches(folder, cfg, items, backend):
         for key, probs in zip(result.keys, result.probs):
@@ -94,7 +97,8 @@ def tag_shard(posts: pa.Table, pool: Path, folder: TaggerFolder, cfg: Any, backe
                 continue
             rows.append({"id": key, **merger.merge(probs, general[key], character[key])})
         for key, err in result.errors:
-            rejects.append({"id": key, "reason": err.reason, "detail": err.detail[:500]})
+            detail = pool_relative(err.detail, pool / rels[key], rels[key], pool)
+            rejects.append({"id": key, "reason": err.reason, "detail": detail[:500]})
     rows.sort(key=lambda r: r["id"])
     rejects.sort(key=lambda r: r["id"])
     return rows, rejects

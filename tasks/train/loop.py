@@ -23,7 +23,8 @@ from data_contracts.errors import ConfigError, StageError
 from data_contracts.store import ArtifactStore, atomic_write_text
 from pipeline_config.train import TrainConfig
 from tasks.train.batches import PromptOptions, StepBatch, prepare_batch
-from tasks.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tasks.train.checkpoint import (PREFIX, TrainerState, checkpoint_root, latest_checkpoint, load_checkpoint,
+                                   save_checkpoint)
 from tasks.train.engine import (Ema, Engine, configure_backends, ddp_whole_graph, encode_prompts,
                                 freeze_skipped_layers, make_optimizer, prepare_unet, warmup_constant)
 from tasks.train.objective import Objective
@@ -53,11 +54,20 @@ class RunSpec:
     device: str = "auto"  # auto | cpu | cuda
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        """`work` is written as "." when it is the file's own folder: the train stage's run.json lives in its
+        work folder, which the commit renames into the output, so an absolute path would name a deleted folder."""
+        data = asdict(self)
+        if Path(self.work).resolve() == Path(path).resolve().parent:
+            data["work"] = "."
+        atomic_write_text(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "RunSpec":
-        return cls(**json.loads(Path(path).read_text()))
+        """A relative `work` is relative to the file's folder (wherever that folder is now)."""
+        path = Path(path).absolute()
+        data = json.loads(path.read_text())
+        data["work"] = str(path.parent / data["work"])  # an absolute one stays as it is
+        return cls(**data)
 
 
 def print_event(event: dict[str, Any]) -> None:
@@ -95,6 +105,37 @@ def plan_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
             f"{cfg.epochs} epoch(s) × {steps_per_epoch} batch(es) per process is less than one optimiser step of "
             f"train.grad_accum={cfg.grad_accum}: lower train.grad_accum or train.batch_size, or raise train.epochs")
     return total
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimiser step a checkpoint folder (`step-00001000`) was saved after; None for other names."""
+    digits = path.name.removeprefix(PREFIX)
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
+def checkpoint_before(work: Path, step: int) -> Path | None:
+    """The newest complete checkpoint saved before optimiser step `step` ran (its own step < `step`)."""
+    found = [(n, p) for p in checkpoint_root(work).glob(f"{PREFIX}*")
+             if (n := checkpoint_step(p)) is not None and n < step and (p / "trainer.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def nan_stop_message(work: Path, step: int, bad_in_row: int, tolerance: int) -> str:
+    """Why training stopped on `bad_in_row` non-finite steps ending at `step`. It names only a checkpoint
+    saved before the first of them: one saved during the bad run came after the fault began, so it is newer
+    but not known good (whatever caused the fault is in its state or its data position)."""
+    first_bad = step - bad_in_row + 1
+    good = checkpoint_before(work, first_bad)
+    if good is not None:
+        where = f"The newest checkpoint saved before the first non-finite step ({first_bad}) is {good}"
+    else:
+        newest = latest_checkpoint(work)
+        after = f"; {newest} was saved after it" if newest is not None else ""
+        where = (f"No checkpoint saved before the first non-finite step ({first_bad}) is left, so none is known "
+                 f"good{after}")
+    return (f"training stopped at step {step}: {bad_in_row} optimiser steps in a row had a non-finite loss or "
+            f"gradient (train.nan_tolerance={tolerance}). {where}. Lower train.lr, use train.mixed_precision=bf16 "
+            "instead of fp16, or check the cached latents")
 
 
 class History:
@@ -233,7 +274,7 @@ class _Run:
             log.info("resuming from %s (step %d of %d)", ckpt.name, state.step, total)
             self.emit({"event": "resume", "step": state.step, "checkpoint": ckpt.name})
         history = History(self.work / HISTORY_JSONL, state.step) if self.main else None
-        tb = self._tensorboard() if self.main else None
+        tb = self._tensorboard(state.step) if self.main else None
         if self.main and cfg.logging.wandb:
             self._wandb_init()
 
@@ -283,12 +324,8 @@ class _Run:
                     log.warning("step %d: non-finite loss/gradients (loss %s, grad norm %s): update skipped",
                                 state.step, out.loss, out.grad_norm)
                     if state.consecutive_bad >= cfg.nan_tolerance:
-                        last = latest_checkpoint(self.work)
-                        raise StageError(
-                            f"training stopped at step {state.step}: {state.consecutive_bad} optimiser steps in a row "
-                            f"had a non-finite loss or gradient (train.nan_tolerance={cfg.nan_tolerance}). "
-                            f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; lower train.lr, "
-                            "use train.mixed_precision=bf16 instead of fp16, or check the cached latents")
+                        raise StageError(nan_stop_message(self.work, state.step, state.consecutive_bad,
+                                                          cfg.nan_tolerance))
                 final = state.step == total
                 if state.step % cfg.logging.every == 0 or final:
                     dt = time.perf_counter() - window_t0 - window_extra  # training time only
@@ -326,12 +363,13 @@ class _Run:
         return result
 
     # ------------------------------------------------------------------------------ pieces
-    def _tensorboard(self):
+    def _tensorboard(self, resume_step: int):
         if not self.cfg.logging.tensorboard:
             return None
-        from torch.utils.tensorboard import SummaryWriter
+        from tasks.train.tb import open_writer
 
-        return SummaryWriter(str(self.work / "tb"))
+        # Killed attempts logged steps past the checkpoint: drop them, or TensorBoard shows them twice.
+        return open_writer(self.work / "tb", resume_step)
 
     def _wandb_init(self) -> None:
         try:

@@ -77,6 +77,7 @@ def build(ctx: StageContext) -> StageResult:
     done = ctx.work / RESULT_NAME
     if done.exists():  # trained and exported before a kill: only the bookkeeping below is left
         result = json.loads(done.read_text())
+        spec.save(ctx.work / RUN_FILE)  # the committed copy names its own folder, never the work folder
     else:
         if cfg.accelerate_config:  # multi-node: the other machines join with the same run file
             ctx.log.info("train: multi-node run: on every other machine run `fm train-node %s --accelerate-config "

@@ -127,9 +127,9 @@ def test_corrupt_and_truncated_images_are_typed_errors(tmp_path):
     assert err.value.reason == "undecodable_image"
     with pytest.raises(ImageError) as err:
         open_image(tmp_path / "missing.jpg")
-    assert err.value.reason == "missing_image"
+    assert err.value.reason == "image_missing"
     loaded = [load_file(tmp_path / n) for n in ("trunc.jpg", "junk.jpg", "badjpeg.jpg", "missing.jpg")]
     decoded = decode_batch(loaded, "cpu")
     reasons = [d.reason if isinstance(d, ImageError) else "ok" for d in decoded]
-    assert reasons[0] == "truncated_image" and reasons[1] == "undecodable_image" and reasons[3] == "missing_image"
+    assert reasons[0] == "truncated_image" and reasons[1] == "undecodable_image" and reasons[3] == "image_missing"
     assert reasons[2] != "ok"

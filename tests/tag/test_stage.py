@@ -109,7 +109,9 @@ def test_stage_end_to_end(env, tiny_folder):
 
     rejects = pq.read_table(store.path(manifest, "rejects.parquet")).to_pylist()
     assert [(r["id"], r["reason"]) for r in rejects] == [
-        (1008, "truncated_image"), (1009, "undecodable_image"), (1010, "missing_image")]
+        (1008, "truncated_image"), (1009, "undecodable_image"), (1010, "image_missing")]
+    assert rejects[2]["detail"] == "images/1010.png does not exist"  # pool-relative, like the cache stage's
+    assert not [r for r in rejects if str(store.pool_dir()) in r["detail"]], rejects
 
     report = out.report
     assert "8 images tagged, 3 rejected" in report.summary_md
@@ -133,6 +135,34 @@ def test_torch_backend_gives_the_same_tags(env):
     b = pq.read_table(store.path(torch_m, "tags.parquet")).to_pylist()
     assert [(r["general"], r["character"], r["rating"]) for r in a] == [(r["general"], r["character"], r["rating"]) for r in b]
     np.testing.assert_allclose([r["rating_probs"] for r in a], [r["rating_probs"] for r in b], atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
+def test_a_deleted_pool_image_is_rejected_as_image_missing_by_its_pool_path(env, monkeypatch, pipeline):
+    """Both pipelines (the GPU one runs on the CPU here) write the cache stage's reason code and name the
+    image by its pool-relative path, never this machine's pool folder."""
+    import torch
+
+    from tasks.tag.gpu_pipeline import run_pipeline
+
+    store, _, cfg = env
+    pool = store.pool_dir()
+    (pool / "images" / "1003.jpg").unlink()  # a complete JPEG: the GPU path would decode it in a batch
+    if pipeline == "gpu":
+        def gpu_on_cpu(folder, cfg, items, backend):
+            def predict(x: torch.Tensor) -> torch.Tensor:  # RGB NCHW 0-255 -> the backend's uint8 NHWC input
+                return torch.from_numpy(backend.predict(x.permute(0, 2, 3, 1).to(torch.uint8).numpy()))
+            return run_pipeline(items, predict, backend.input_size, "cpu", batch_size=cfg.batch_size, workers=2)
+
+        monkeypatch.setattr(tag_stage, "_batches", gpu_on_cpu)
+    out = run_stage(tag_stage.SPEC, cfg, store)
+    rejects = {r["id"]: r for r in pq.read_table(store.path(out.manifest, "rejects.parquet")).to_pylist()}
+    assert set(rejects) == {1003, 1008, 1009, 1010}
+    for pid, ext in ((1003, "jpg"), (1010, "png")):
+        assert rejects[pid]["reason"] == "image_missing"
+        assert rejects[pid]["detail"] == f"images/{pid}.{ext} does not exist"
+    for r in rejects.values():
+        assert str(pool) not in r["detail"] and not r["detail"].startswith("/"), r
 
 
 def test_killed_run_resumes_from_the_journal(env, monkeypatch):

@@ -2,6 +2,8 @@
 that diffusers loads back (`from_single_file`) with identical UNet outputs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -13,6 +15,7 @@ from pipeline_config.load import load_config
 from tasks.common.stage import run_stage
 from tasks.models.single_file import read_metadata
 from tasks.models.sources import pipeline_config_dir, resolve_model_source
+from tasks.train.loop import RunSpec
 from tasks.train.stage import SPEC
 
 from .conftest import base_train
@@ -49,6 +52,11 @@ def test_stage_trains_exports_and_reloads_through_diffusers(make_cache, model_ca
     assert any(p.startswith("tb/") for p in files)
     assert progress and progress == sorted(progress)
     folder = store.output_path("train", m.fingerprint)
+    # run.json moved with the work folder: it must name the output folder, not the deleted _work one
+    assert "run.json" in files
+    run_text = (Path(folder) / "run.json").read_text()
+    assert "_work" not in run_text and str(store.work_dir("train", m.fingerprint)) not in run_text
+    assert Path(RunSpec.load(Path(folder) / "run.json").work) == Path(folder)
     hist = read_table(store.path(m, "history.parquet"), HISTORY_SCHEMA)
     assert hist.column("step").to_pylist() == [2, 4, 6, 8]
     assert hist.column("val_loss").to_pylist()[-1] == pytest.approx(m.stats["validation"]["val_loss"], rel=1e-6)
@@ -81,3 +89,20 @@ def test_stage_trains_exports_and_reloads_through_diffusers(make_cache, model_ca
     again = run_stage(SPEC, cfg, store)
     assert again.cached and again.manifest.fingerprint == m.fingerprint
     assert pq.read_metadata(store.path(m, "history.parquet")).num_rows == 4
+
+
+def test_run_file_names_its_own_folder_wherever_it_moves(tmp_path):
+    """`fm train-node` reads run.json from the work folder during the run; after the commit renames that
+    folder, the same file must name the new place."""
+    work = tmp_path / "train" / "_work" / "fp1"
+    work.mkdir(parents=True)
+    spec = RunSpec(train={}, work=str(work), data_root=str(tmp_path), local_cache=str(tmp_path / "cache"),
+                   cache_fingerprint="c", model_cache_dir=str(tmp_path / "models"))
+    spec.save(work / "run.json")
+    assert RunSpec.load(work / "run.json") == spec
+    final = tmp_path / "train" / "fp1"
+    work.rename(final)
+    assert RunSpec.load(final / "run.json").work == str(final)
+    elsewhere = tmp_path / "elsewhere.json"  # a file outside the work folder keeps the absolute path
+    spec.save(elsewhere)
+    assert RunSpec.load(elsewhere).work == str(work)

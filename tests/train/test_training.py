@@ -97,14 +97,61 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, tokenizer, model_cache):
 def test_a_run_of_nans_stops_with_the_last_good_checkpoint_intact(tmp_path, tokenizer, model_cache):
     store, manifest = _nan_cache(tmp_path, tokenizer, nan_bucket_only=False)
     work = tmp_path / "work"
-    with pytest.raises(StageError, match=r"2 optimiser steps in a row.*nan_tolerance=2"):
+    with pytest.raises(StageError, match=r"2 optimiser steps in a row.*nan_tolerance=2") as err:
         run_training(run_spec(store, manifest, work, model_cache, epochs=2, checkpoint_every=1, nan_tolerance=2))
     ckpt = latest_checkpoint(work)
     assert ckpt is not None and ckpt.name == "step-00000001"  # written after the first (skipped) step
+    # ... so it is not called good: every step was non-finite, no checkpoint predates the fault
+    msg = str(err.value)
+    assert "first non-finite step (1)" in msg and "none is known good" in msg, msg
+    assert f"{ckpt} was saved after it" in msg and "is known good" not in msg.replace("none is known good", "")
     assert all(torch.isfinite(w).all() for w in unet_weights(work).values())
     assert not list((work / "checkpoints").glob(".tmp-*"))
     saved = json.loads((ckpt / "trainer.json").read_text())
     assert saved["consecutive_bad"] == 1 and saved["skipped_steps"] == 1
+
+
+def test_a_nan_stop_names_the_checkpoint_from_before_the_first_bad_step(make_cache, model_cache, tmp_path,
+                                                                         monkeypatch):
+    """Steps 1-2 are finite, 3 on are not: with a checkpoint every step, step-3 is the newest at the stop,
+    but it was saved after a non-finite step; the message must name step-2."""
+    import tasks.train.loop as loop
+
+    class NanFromStep3(loop.Engine):
+        micro = 0
+
+        def micro_step(self, b):
+            self.micro += 1
+            if self.micro >= 3:  # grad_accum=1: micro-batch k is optimiser step k
+                b.x0 = torch.full_like(b.x0, float("nan"))
+            return super().micro_step(b)
+
+    monkeypatch.setattr(loop, "Engine", NanFromStep3)
+    store, manifest = make_cache(n=16, buckets=((64, 64),))
+    work = tmp_path / "work"
+    with pytest.raises(StageError, match=r"training stopped at step 4: 2 optimiser steps in a row") as err:
+        run_training(run_spec(store, manifest, work, model_cache, epochs=2, checkpoint_every=1, keep_last=5,
+                              nan_tolerance=2))
+    assert latest_checkpoint(work).name == "step-00000003"  # saved after the first non-finite step
+    msg = str(err.value)
+    good = work / "checkpoints" / "step-00000002"
+    assert f"saved before the first non-finite step (3) is {good}." in msg, msg
+    assert "step-00000003" not in msg
+    assert json.loads((good / "trainer.json").read_text())["skipped_steps"] == 0
+
+
+def test_a_nan_stop_with_the_good_checkpoints_pruned_names_none(tmp_path):
+    from tasks.train.loop import nan_stop_message
+
+    root = tmp_path / "checkpoints"
+    for step in (5, 6):  # keep_last removed everything from before the bad run (it began at step 5)
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "trainer.json").write_text("{}")
+    (root / "LATEST").write_text("step-00000006")
+    (root / ".tmp-step-00000002").mkdir()  # an unfinished one is never named
+    msg = nan_stop_message(tmp_path, 7, 3, 3)
+    assert "No checkpoint saved before the first non-finite step (5) is left, so none is known good" in msg
+    assert f"{root / 'step-00000006'} was saved after it" in msg
 
 
 def test_channels_last_survives_8bit_adamw_with_the_same_update():
