@@ -74,7 +74,11 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
     """
     labels = [label for label, _, _ in plan]
     failed: dict[int, tuple[str, str]] = {}
+    journaled = {"pages": sum(q.pages for q in ledger.queries), "files_fetched": 0, "bytes": 0}
     for rec in ledger.download_records():
+        if rec.get("bytes"):  # every attempt's downloads, a killed one's too (its client counters are lost)
+            journaled["files_fetched"] += 1
+            journaled["bytes"] += int(rec["bytes"])
         if not rec["ok"]:
             failed[int(rec["id"])] = (rec.get("reason", "error"), rec.get("detail", ""))
         else:
@@ -183,9 +187,10 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
         "characters_below_min": {c: per_char[c] for c in low},
         "min_per_character": cfg.min_per_character,
         "run": run_stats,
+        "all_attempts": journaled,
     }
     summary = _summary(source_desc, n_posts, n_rejects, per_query_rows, reasons, low, per_char, cfg,
-                       targets, query_targets, labels, run_stats)
+                       targets, query_targets, labels, run_stats, journaled)
     tables = {"per_query": per_query_rows, "per_character": per_char_rows, "per_rating": per_rating_rows,
               "per_year": per_year_rows, "rejects_by_reason": reason_rows}
     return {"posts": n_posts, "rejects": n_rejects}, stats, summary, tables, reject_images
@@ -193,7 +198,7 @@ def assemble(work: Path, ledger: Ledger, cfg: IngestConfig, plan: list[tuple[str
 
 def _summary(source: str, n_posts: int, n_rejects: int, per_query: list[dict], reasons: Counter, low: list[str],
              per_char: Counter, cfg: IngestConfig, targets: set[str], query_targets: dict[int, list[str]],
-             labels: list[str], run: dict[str, Any]) -> str:
+             labels: list[str], run: dict[str, Any], journaled: dict[str, int]) -> str:
     lines = [f"## Ingest: {n_posts:,} verified posts, {n_rejects:,} rejects", "", f"Source: `{source}`", ""]
     lines += ["| query | taken / quota | posts | rejected | failed download | duplicates |",
               "|---|---|---|---|---|---|"]
@@ -216,8 +221,13 @@ def _summary(source: str, n_posts: int, n_rejects: int, per_query: list[dict], r
         if row["posts"] == 0:
             lines.append(f"**Warning:** query `{labels[qi]}` produced no posts.")
     http = run.get("http") or {}
+    attempts = int(run.get("attempts") or 1)
+    if attempts > 1:  # a resumed run: this attempt's counters alone would hide the work of the killed ones
+        lines += ["", f"Resumed: {attempts} attempts. Over all of them: {journaled['pages']} pages crawled, "
+                      f"{journaled['files_fetched']} files fetched ({journaled['bytes'] / 2**20:.1f} MiB)."]
     if http:
-        lines += ["", f"HTTP: {http.get('requests', 0)} requests, {http.get('retries', 0)} retries, "
+        scope = " (this attempt)" if attempts > 1 else ""
+        lines += ["", f"HTTP{scope}: {http.get('requests', 0)} requests, {http.get('retries', 0)} retries, "
                       f"{http.get('http_429', 0)} × 429"]
     dl = run.get("downloads") or {}
     if dl:

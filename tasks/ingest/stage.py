@@ -8,6 +8,7 @@ contact sheets per character and series, rejects whose image is in the pool).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from tasks.ingest.assemble import assemble
 from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
 from tasks.ingest.dump_reader import import_dump, metadata_files
 from tasks.ingest.embedded import api_endpoint
+from tasks.ingest.journal import Journal
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.shards import JOURNAL_DIR, check_queries, sharded, source_description
 from tasks.ingest.visuals import (
@@ -35,6 +37,7 @@ from tasks.ingest.visuals import (
     make_series_sheets,
 )
 
+ATTEMPTS = "attempts.jsonl"  # one line per run that worked on this output (resumes after kills)
 MAX_ITEMS = 24  # thumbnails per contact sheet
 MAX_GROUPS = 12  # sheets per kind: the largest characters / series
 
@@ -48,11 +51,13 @@ def build(ctx: StageContext) -> StageResult:
     check_queries(cfg)
     source_desc = source_description(cfg)
     # Under Dask/Ray the downloads ran as shards on the runner's workers: their journals are the input.
+    attempts = count_attempt(ctx.work / JOURNAL_DIR)
     run_stats = shards.complete(ctx) if sharded(ctx.cfg) else None
     ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan))
     try:
         if run_stats is None:
             run_stats = _fetch_here(ctx, ledger, plan, source_desc)
+        run_stats["attempts"] = attempts
         ctx.progress(0.99, "writing posts.parquet and rejects.parquet")
         rss = {"after_crawl": _rss_mib()}
         t_assemble = time.monotonic()
@@ -96,6 +101,14 @@ def _fetch_here(ctx: StageContext, ledger: Ledger, plan: list[tuple[str, str, in
                      "authenticated" if login else "anonymous")
         return run_async(crawl_api(cfg, base_url, ledger, pool, login=login, api_key=api_key,
                                    progress=ctx.progress, log=ctx.log, embedded=embedded))
+
+
+def count_attempt(folder: Path) -> int:
+    """Journal the start of this attempt; returns how many attempts (this one included) worked on the output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with Journal(folder / ATTEMPTS) as journal:
+        journal.append({"started": time.time(), "pid": os.getpid()}, sync=True)
+        return sum(1 for _ in journal.records())
 
 
 def _rss_mib() -> float | None:

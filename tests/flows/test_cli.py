@@ -34,3 +34,19 @@ def test_sample_writes_pngs_with_parameters(tmp_path):
     image = Image.open(pngs[0])
     assert image.size == (64, 64)
     assert "1girl, (smile:1.2)" in image.text["parameters"] and "Steps: 3" in image.text["parameters"]
+
+
+def test_run_validates_config_and_stage_names_before_anything_starts(tmp_path):
+    import time
+
+    started = time.monotonic()
+    typo = fm("run", "bucket", "-o", "bucket.resolutoin=512", "-o", f"data_root={tmp_path}")
+    stage = fm("run", "bukcet", "-o", f"data_root={tmp_path}")
+    elapsed = time.monotonic() - started
+    assert typo.returncode == 2 and "bucket.resolutoin" in typo.stderr
+    assert stage.returncode == 2 and "did you mean 'bucket'" in stage.stderr
+    for proc in (typo, stage):
+        assert "Traceback" not in proc.stderr and "temporary server" not in proc.stdout + proc.stderr
+        assert proc.stderr.count("error:") == 1  # said once
+    assert elapsed < 20  # two interpreter start-ups, no Prefect server (that alone takes 8-26 s)
+    assert not any(tmp_path.iterdir())  # nothing was written

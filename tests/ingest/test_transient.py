@@ -29,6 +29,23 @@ from tests.ingest.test_stage import make_cfg, outputs, run
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_a_cut_in_the_image_header_is_truncated_not_an_html_page(tmp_path):
+    from tasks.ingest.download import short_body
+    from tasks.ingest.parse import Post
+    from tasks.ingest.reasons import Reject
+
+    post = Post(1, "0" * 32, None, 0, 0, 0, 0, "g", 64, 64, "jpg", 5000, None, None, (), (), (), (), (), "x",
+                False, False, False, False)
+    stump, page = tmp_path / "stump", tmp_path / "page"
+    stump.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)  # 104 of 5000 bytes, cut inside the JPEG header
+    page.write_bytes(b"<html>busy</html>")
+    decoded = Reject("not_an_image", "UnidentifiedImageError")
+    cut = short_body(decoded, post, 104, stump)
+    assert cut.reason == "truncated" and "received 104 of 5000 bytes" in cut.detail
+    assert short_body(decoded, post, 17, page) == decoded  # an HTML error page is no image at all
+    assert short_body(decoded, post, 5000, stump) == decoded  # all bytes came: the file itself is broken
+
+
 def test_transient_reasons():
     assert all(is_transient(r) for r in ("timeout", "connection_error", "http_429", "http_500", "http_503"))
     assert not any(is_transient(r) for r in ("http_404", "http_403", "md5_mismatch", "truncated", "not_an_image",
@@ -147,8 +164,9 @@ def test_kill_matrix_on_the_embedded_booru_loses_no_post(tmp_path_factory, tmp_p
         ("half the downloads done", lambda: len(_journal(root, "downloads.jsonl")) >= n // 2),
         ("the crawl finished", lambda: sum(bool(r.get("done")) for r in _journal(root, "pages.jsonl")) >= 2),
     ]
-    for what, ready in points:
-        _kill_at(_run_child(tree, tmp_path), ready, what)
+    for k, (what, ready) in enumerate(points):  # each kill lands inside an attempt that has started its work
+        started = lambda k=k: len(_journal(root, "attempts.jsonl")) > k  # noqa: E731
+        _kill_at(_run_child(tree, tmp_path), lambda: started() and ready(), what)
     proc = _run_child(tree, tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
@@ -158,6 +176,14 @@ def test_kill_matrix_on_the_embedded_booru_loses_no_post(tmp_path_factory, tmp_p
     assert pq.read_table(final / "posts.parquet").equals(ref_posts)
     assert pq.read_table(final / "rejects.parquet").equals(ref_rejects)
     assert "connection_error" not in pq.read_table(final / "rejects.parquet").column("reason").to_pylist()
+    # the report counts the killed attempts' work too (their in-memory HTTP counters died with them)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["stats"]["run"]["attempts"] == len(points) + 1
+    ref_stats = ref.manifest.stats
+    assert manifest["stats"]["all_attempts"]["pages"] == ref_stats["all_attempts"]["pages"]
+    assert manifest["stats"]["all_attempts"]["files_fetched"] >= ref_stats["all_attempts"]["files_fetched"] > 0
+    summary = json.loads((final / "report.json").read_text())["summary_md"]
+    assert f"Resumed: {len(points) + 1} attempts" in summary
 
 
 # --- two runs at once on one data root ------------------------------------------------------------------------
