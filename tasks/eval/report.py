@@ -69,9 +69,10 @@ def learning_curve_plot(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCh
                                label=f"chance ({kind}s)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("training step")
+        ax.set_ylabel("share of images")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)  # "best": where it hides the fewest points
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

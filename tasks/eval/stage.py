@@ -35,12 +35,12 @@ from tasks.eval.probe import CentroidProbe, TaggerEmbedder, encode_images, laten
 from tasks.eval.report import learning_curve_plot, probe_quality, summary_markdown, summary_rows
 from tasks.models.single_file import read_metadata
 from tasks.models.vae import decode_latents
-from tasks.sample.grid import make_grid
+from tasks.sample.grid import labelled_grid
 from tasks.sample.main import LoadedModel, generation_info, load_for_sampling
 from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
 from tasks.sample.pngmeta import save_png
 
-CODE_VERSION = "2"  # 2: report table "checkpoints" (was "summary")
+CODE_VERSION = "3"  # 2: report table "checkpoints" (was "summary"); 3: labelled concept x seed grids
 RESULTS_FILE = "results.parquet"
 PLOT_FILE = "plots/learning_curve.png"
 PREDICTION = {"flow": "flow", "ddpm": "epsilon", "epsilon": "epsilon"}
@@ -307,16 +307,32 @@ def build(ctx: StageContext) -> StageResult:
     )
 
 
+GRID_COLS = 8  # images per concept shown in a checkpoint's grid (all of them are on disk)
+
+
 def _grid(work: Path, ck: EvalCheckpoint, concepts: list[Concept], units: dict[str, dict]) -> None:
-    ims, labels = [], []
+    """One row per concept (its tag, kind and training-image count), one column per seed."""
+    rows, row_labels, seeds = [], [], []
     for c in concepts:
-        first = units[c.slug]["images"][:1]
-        if first:
-            with Image.open(work / first[0]) as im:
-                ims.append(im.convert("RGB"))
-            labels.append(c.tag)
-    if ims:
-        save_png(work / "grids" / f"{ck.id}.png", make_grid(ims, labels=labels), None)
+        files = units[c.slug]["images"][:GRID_COLS]
+        if not files:
+            continue
+        row = []
+        for rel in files:
+            with Image.open(work / rel) as im:
+                row.append(im.convert("RGB"))
+        rows.append(row)
+        if c.kind == "control":
+            row_labels.append(f"control (no concept)\n{c.prompt}")
+        else:
+            row_labels.append(f"{c.tag}\n{c.kind}, {len(c.train_ids)} training images")
+        if len(files) > len(seeds):  # names are <index>-<seed>.png
+            seeds = [Path(f).stem.split("-")[-1] for f in files]
+    if rows:
+        title = f"{ck.label} (step {ck.step}): rows = concepts, columns = seeds; same seeds for every checkpoint"
+        grid = labelled_grid(rows, row_labels, [f"seed {s}" for s in seeds], title=title,
+                             max_cell=256 if len(seeds) <= 4 else 192)
+        save_png(work / "grids" / f"{ck.id}.png", grid, None)
 
 
 SPEC = StageSpec(name="eval", upstream=("ingest", "tag", "train"), code_version=CODE_VERSION, build=build,

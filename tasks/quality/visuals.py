@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_contracts.quality import QUALITY_LABELS
-from tasks.common.visuals import MUTED, THUMB, Line, Tile, contact_sheet, histogram, pick, save_png, slug, thumbnail
+from tasks.common.visuals import (MUTED, THUMB, Line, Tile, contact_sheet, new_figure, pick, save_figure, save_png, slug,
+                                  thumbnail)
 from tasks.quality.core import boundaries
 
 
@@ -67,15 +68,33 @@ def cut_points(norm_score: np.ndarray, cluster: np.ndarray) -> list[tuple[float,
 
 
 def make_norm_histogram(quality: pa.Table, out_dir: Path, *, bins: int = 50) -> dict[str, str]:
-    """Histogram of norm_score, stacked by label, with the cluster boundaries marked."""
+    """Histogram of norm_score (700 x 300 px), stacked by label, with the cluster boundaries marked."""
+    fig = norm_histogram_figure(quality, bins=bins)
+    return {"norm_score histogram": save_figure(fig, out_dir, "quality-norm-score-histogram")}
+
+
+def norm_histogram_figure(quality: pa.Table, *, bins: int = 50):
+    """The Figure of ``make_norm_histogram``. The legend sits right of the plot and each cut label on a
+    white box left of its line, so the legend never hides a cut label and the bars never hide the text."""
     norm = quality.column("norm_score").to_numpy(zero_copy_only=False).astype(np.float64)
     cluster = quality.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64)
-    groups = [(label, cluster == c) for c, label in enumerate(QUALITY_LABELS)]
-    rel = histogram(norm, out_dir, "quality-norm-score-histogram", bins=bins, value_range=(0.0, 1.0),
-                    xlabel="norm_score (within-year percentile of popularity)",
-                    title=f"norm_score of {len(norm)} samples by label", vlines=cut_points(norm, cluster),
-                    groups=groups)
-    return {"norm_score histogram": rel}
+    ok = np.isfinite(norm)
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.hist([norm[ok & (cluster == c)] for c in range(len(QUALITY_LABELS))], bins=bins, range=(0.0, 1.0),
+            stacked=True, label=list(QUALITY_LABELS))
+    for x, label in cut_points(norm, cluster):
+        ax.axvline(x, color="#333333", lw=1, ls="--")
+        ax.annotate(label, (x, 0.98), xycoords=("data", "axes fraction"), xytext=(-2, 0),
+                    textcoords="offset points", rotation=90, fontsize=7, ha="right", va="top", color="#333333",
+                    bbox={"boxstyle": "square,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title="label",
+              title_fontsize=8)
+    ax.set_xlabel("norm_score (within-year percentile of popularity)")
+    ax.set_ylabel("count")
+    ax.set_title(f"norm_score of {len(norm)} samples by label", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def make_quality_visuals(quality: pa.Table, posts: pa.Table, pool: Path, out_dir: Path, *, seed: int = 0,

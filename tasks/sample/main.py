@@ -7,13 +7,15 @@ Checkpoints accepted (``checkpoint`` argument):
   * a training-step folder ``…/checkpoints/step-XXXXXXXX`` (``unet.safetensors`` [+ ``text_encoder`` /
     ``ema.safetensors``]) on top of ``base_model`` (the train config's ``model``), which supplies the
     VAE, text encoder and tokenizer.
-Existing PNGs whose parameters chunk matches what would be written are kept (a rerun after a kill
-only makes the missing images).
+Files are numbered A1111-style after the highest index already in the folder (``00007-40.png``), so a
+second run never overwrites the first; each run's grid is ``grid-<first index>.png``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -29,20 +31,44 @@ from tasks.models.sources import resolve_model_source
 from tasks.models.vae import decode_latents
 from tasks.sample.grid import make_grid
 from tasks.sample.pipeline import Prediction, SampleSettings, generate_latents, latents_to_images, sampler_label
-from tasks.sample.pngmeta import GenerationInfo, read_png_info, save_png
+from tasks.sample.pngmeta import GenerationInfo, save_png
 
 log = logging.getLogger(__name__)
-GRID_NAME = "grid.png"
 STEP_FILES = ("unet.safetensors", "trainer.json")
+_INDEXED = re.compile(r"^(\d+)-")  # "<index>-<seed>.png", as A1111 names its outputs
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # a stage output folder: <data_root>/<stage>/<fingerprint>/
+GENERIC_STEMS = frozenset({"model", "diffusers", "unet", "diffusion_pytorch_model", "checkpoint", "last", "final"})
+TINY_UNET_PARAMS = 50_000_000  # SD1.5's UNet has 860M; anything this small is a demo/test stand-in
+TINY_NOTE = ("note: {name} is a tiny randomly initialised demo model: it draws coloured noise, and that is "
+             "expected (the demo checks the pipeline, not the pictures); sample a real SD1.5 fine-tune for pictures")
 
 
 @dataclass
 class LoadedModel:
     components: SD15Components
     name: str                       # shown as "Model" in the PNG parameters
-    hash: str                       # A1111 "Model hash" (first 10 hex of the sha256 identity)
+    hash: str                       # A1111 "Model hash": first 10 hex of the file's sha256 ("" for folders)
     prediction: Prediction          # what the checkpoint's metadata says (flow unless told otherwise)
     recommended_shift: float | None
+    tiny: bool = False              # a tiny random demo model (builtin:tiny-* or trained from one)
+
+
+def model_display_name(path: Path) -> str:
+    """The checkpoint's file stem (or folder name); a generic one ("model", "diffusers") gets the folder
+    that tells it apart: ``<data_root>/train/7d7cb8abbf906fd3/model.safetensors`` -> "train-7d7cb8ab-model"."""
+    stem = path.stem if path.is_file() else path.name
+    if stem.lower() not in GENERIC_STEMS:
+        return stem
+    parent = path.parent
+    prefix = f"{parent.parent.name}-{parent.name[:8]}" if _FINGERPRINT.match(parent.name) else parent.name
+    return f"{prefix}-{stem}" if prefix else stem
+
+
+def is_tiny(components: SD15Components, builtin: str | None = None) -> bool:
+    """True for the builtin tiny models and anything built on their scale (e.g. the demo's train output)."""
+    if builtin and builtin.startswith("tiny"):
+        return True
+    return sum(p.numel() for p in components.unet.parameters()) < TINY_UNET_PARAMS
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -88,7 +114,8 @@ def load_for_sampling(checkpoint: str, *, cache_dir: Path | None = None, device:
         obj = (trainer.get("extra") or {}).get("objective")
         pred: Prediction = "epsilon" if obj in ("ddpm", "epsilon") else "flow"
         _to(comp, dev, dt)
-        return LoadedModel(comp, f"{path.parent.parent.name}-{path.name}", loaded.hash, pred, None)
+        # no hash: the base model's file hash would name weights this folder replaces
+        return LoadedModel(comp, f"{path.parent.parent.name}-{path.name}", "", pred, None, loaded.tiny)
     source = resolve_model_source(str(checkpoint), cache)
     comp = load_sd15(source, dtype=torch.float32, device="cpu", cache_dir=cache)
     meta = read_metadata(source.path) if source.kind == "single_file" else {}
@@ -102,8 +129,11 @@ def load_for_sampling(checkpoint: str, *, cache_dir: Path | None = None, device:
             else:
                 pred_meta = pred_meta or "epsilon"
     _to(comp, dev, dt)
-    name = source.builtin or (source.path.stem if source.kind == "single_file" else source.path.name)
-    return LoadedModel(comp, name, source.identity[:10], pred_meta or "flow", shift)
+    name = source.builtin or model_display_name(source.path)
+    # A1111's hash is of one file; the identity of a single file is its sha256, computed once (and cached)
+    # when the source was resolved. A folder has no such hash.
+    model_hash = source.identity[:10] if source.kind == "single_file" else ""
+    return LoadedModel(comp, name, model_hash, pred_meta or "flow", shift, is_tiny(comp, source.builtin))
 
 
 def _load_state(model: torch.nn.Module, path: Path) -> None:
@@ -137,7 +167,7 @@ def generation_info(prompt: str, negative: str, seed: int, settings: SampleSetti
         "CFG scale": settings.cfg,
         "Seed": seed,
         "Size": f"{settings.width}x{settings.height}",
-        "Model hash": model.hash,
+        **({"Model hash": model.hash} if model.hash else {}),
         "Model": model.name,
         "Clip skip": settings.clip_skip,
         "Prediction": settings.prediction,
@@ -154,31 +184,51 @@ def image_name(index: int, seed: int) -> str:
     return f"{index:05d}-{seed}.png"
 
 
+def grid_name(first_index: int) -> str:
+    return f"grid-{first_index:05d}.png"
+
+
+def next_index(out_dir: Path) -> int:
+    """One past the highest ``<index>-…`` file in ``out_dir`` (0 for an empty or new folder)."""
+    found = [int(m.group(1)) for p in out_dir.iterdir() if (m := _INDEXED.match(p.name))] if out_dir.is_dir() else []
+    return max(found, default=-1) + 1
+
+
+def _step_counter(progress: Callable[[int, int], None], base: int, batch: int, total: int):
+    """A sampler step callback reporting steps x images done: ``base`` before this batch, ``batch`` per step."""
+    def callback(i: int, sigma: float, denoised: torch.Tensor) -> None:
+        progress(base + (i + 1) * batch, total)
+    return callback
+
+
 def write_samples(model: LoadedModel, prompts: Sequence[str], negatives: Sequence[str], out_dir: Path, *,
                   settings: SampleSettings, seed: int = 0, batch_size: int = 1, images_per_prompt: int = 1,
                   grid: bool = True, grid_cols: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Generate and write ``<out_dir>/<index>-<seed>.png`` (+ ``grid.png``); returns the image paths."""
+    """Generate and write ``<out_dir>/<index>-<seed>.png``, numbered after the files already there, and
+    ``grid-<first index>.png``; returns every path written, the grid last.
+
+    ``progress(done, total)`` is called after every denoising step, counting steps x images."""
     settings.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(p, n) for p, n in zip(prompts, negatives) for _ in range(max(1, images_per_prompt))]
-    paths = [out_dir / image_name(j, seed + j) for j in range(len(jobs))]
-    infos = [generation_info(p, n, seed + j, settings, model) for j, (p, n) in enumerate(jobs)]
-    todo = [j for j in range(len(jobs)) if not _already_done(paths[j], infos[j])]
+    first = next_index(out_dir)
+    paths = [out_dir / image_name(first + j, seed + j) for j in range(len(jobs))]
+    total = settings.steps * len(jobs)
+    if progress is not None:
+        progress(0, total)  # the bar knows its length before the first (slow) step
     bs = max(1, batch_size)
-    done = len(jobs) - len(todo)
-    for start in range(0, len(todo), bs):
-        idx = todo[start:start + bs]
+    for start in range(0, len(jobs), bs):
+        idx = list(range(start, min(start + bs, len(jobs))))
+        callback = _step_counter(progress, start * settings.steps, len(idx), total) if progress else None
         lat = generate_latents(model.components, [jobs[j][0] for j in idx], [jobs[j][1] for j in idx],
-                               [seed + j for j in idx], settings)
+                               [seed + j for j in idx], settings, callback=callback)
         with torch.no_grad():
             images = latents_to_images(decode_latents(model.components.vae, lat))
         for j, im in zip(idx, images):
-            save_png(paths[j], im, infos[j])
-        done += len(idx)
-        if progress is not None:
-            progress(done, len(jobs))
+            save_png(paths[j], im, generation_info(jobs[j][0], jobs[j][1], seed + j, settings, model))
+    written = list(paths)
     if grid and paths:
         from PIL import Image
 
@@ -186,19 +236,14 @@ def write_samples(model: LoadedModel, prompts: Sequence[str], negatives: Sequenc
         for p in paths:
             with Image.open(p) as im:
                 ims.append(im.convert("RGB"))
-        labels = [f"{seed + j}: {jobs[j][0]}" for j in range(len(jobs))]
-        save_png(out_dir / GRID_NAME, make_grid(ims, cols=grid_cols, labels=labels), None)
-    return paths
+        labels = [f"#{first + j:05d} · seed {seed + j}\n{jobs[j][0]}" for j in range(len(jobs))]
+        written.append(save_png(out_dir / grid_name(first), make_grid(ims, cols=grid_cols, labels=labels,
+                                                                       label_lines=3), None))
+    return written
 
 
-def _already_done(path: Path, info: GenerationInfo) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        found = read_png_info(path)
-    except (OSError, ValueError):
-        return False
-    return found is not None and found.to_text() == info.to_text()
+def _print_note(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def sample_main(checkpoint: str, prompts: str | Sequence[str], negative: str | Sequence[str] = "", *,
@@ -207,11 +252,16 @@ def sample_main(checkpoint: str, prompts: str | Sequence[str], negative: str | S
                 height: int = 1024, batch_size: int = 1, images_per_prompt: int = 1, clip_skip: int = 2,
                 eta: float = 1.0, prediction: Prediction | None = None, max_chunks: int | None = None,
                 cache_dir: str | Path | None = None, device: str = "auto", base_model: str | None = None,
-                grid: bool = True, progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Load ``checkpoint``, generate, write PNGs with A1111 ``parameters`` and ``grid.png``; return PNG paths.
+                grid: bool = True, progress: Callable[[int, int], None] | None = None,
+                notify: Callable[[str], None] | None = None) -> list[Path]:
+    """Load ``checkpoint``, generate, write PNGs with A1111 ``parameters`` and a grid; return every path
+    written (images in order, the grid last). Nothing in ``out_dir`` is overwritten: new files are numbered
+    after the highest index there.
 
     ``shift`` None -> the checkpoint's recommended shift (train export metadata / diffusers scheduler
     config), else 3. ``prediction`` None -> what the checkpoint says (flow unless marked ddpm/epsilon).
+    ``progress(done, total)``: after every denoising step, in steps x images. ``notify``: one-line notes
+    for the user (default: printed to stderr), e.g. that a tiny demo model draws noise.
     """
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
@@ -223,6 +273,8 @@ def sample_main(checkpoint: str, prompts: str | Sequence[str], negative: str | S
         raise ConfigError(f"{len(nlist)} negative prompts for {len(plist)} prompts; give one, or one per prompt")
     model = load_for_sampling(checkpoint, cache_dir=Path(cache_dir) if cache_dir else None, device=device,
                               base_model=base_model)
+    if model.tiny:
+        (notify or _print_note)(TINY_NOTE.format(name=model.name))
     shift = shift if shift is not None else (model.recommended_shift or 3.0)
     settings = SampleSettings(steps=steps, cfg=cfg, shift=shift,
                               sampler=sampler, schedule=schedule, width=width, height=height, clip_skip=clip_skip,

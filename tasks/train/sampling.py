@@ -63,16 +63,26 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int) -> Path:
+def save_grid(images: np.ndarray, path: Path, cols: int, *, prompts: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> Path:
+    """Write the grid (rows: prompts, columns: seeds). Given the prompts and seeds, every tile gets a
+    caption "seed N" + the prompt, wrapped and cut to the tile width; without them, bare tiles."""
     n, h, w, c = images.shape
-    rows = -(-n // cols)
-    grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if prompts is not None and seeds is not None:
+        from tasks.sample.grid import make_grid
+
+        labels = [f"seed {seeds[i % cols]}\n{prompts[i // cols]}" for i in range(n)]
+        img = make_grid([Image.fromarray(a) for a in images], cols=cols, labels=labels, label_lines=3)
+    else:
+        rows = -(-n // cols)
+        grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+        for i in range(n):
+            r, col = divmod(i, cols)
+            grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i]
+        img = Image.fromarray(grid)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
+    img.save(tmp, format="PNG")
     tmp.replace(path)
     return path
 

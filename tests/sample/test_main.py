@@ -1,6 +1,6 @@
-"""`fm sample` entry point: files, metadata, grid, resume, seeds, errors; the ε path's change of variables."""
+"""`fm sample` entry point: files, numbering, metadata, grid, progress, notes, seeds, errors; the ε path's
+change of variables."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data_contracts.errors import ConfigError
-from tasks.sample.main import GRID_NAME, sample_main, write_samples
+from tasks.sample.main import sample_main, write_samples
 from tasks.sample.pipeline import SampleSettings, epsilon_flow_sigmas, generate, make_velocity_fn, sd15_ve_sigmas
 from tasks.sample.pngmeta import read_png_info
 from tasks.sample.samplers import sample
@@ -23,32 +23,74 @@ def test_sample_main_writes_pngs_with_parameters_and_a_grid(model_cache, tmp_pat
     paths = sample_main("builtin:tiny-sd15", ["1girl, (smile:1.2)", long_prompt], "worst quality",
                         out_dir=tmp_path, steps=3, seed=40, width=32, height=40, sampler="dpmpp_sde",
                         images_per_prompt=2, batch_size=3, cache_dir=model_cache, device="cpu")
-    assert [p.name for p in paths] == ["00000-40.png", "00001-41.png", "00002-42.png", "00003-43.png"]
+    assert [p.name for p in paths] == ["00000-40.png", "00001-41.png", "00002-42.png", "00003-43.png",
+                                       "grid-00000.png"]  # every file written, the grid last
     info = read_png_info(paths[2])
     assert info.prompt == long_prompt and info.negative_prompt == "worst quality"
     p = info.params
     assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == ("3", "DPM++ SDE", "6", "42", "32x40")
     assert (p["Clip skip"], p["Shift"], p["Prediction"], p["Model"]) == ("2", "3", "flow", "tiny-sd15")
     assert len(p["Model hash"]) == 10
-    grid = Image.open(tmp_path / GRID_NAME)
-    assert grid.width > 2 * 32 and grid.height > 2 * 40
+    grid = Image.open(paths[-1])
+    assert grid.width > 2 * 128 and grid.height > 2 * 128  # 32x40 tiles enlarged to >= 128 px to be readable
     assert _arr(paths[0]).shape == (40, 32, 3)
     assert np.abs(_arr(paths[0]) - _arr(paths[1])).max() > 10  # different seeds, different images
 
 
-def test_rerun_keeps_finished_images_and_redoes_changed_ones(tiny, tmp_path):
+def test_sampling_twice_into_one_folder_keeps_both_sets_in_order(tiny, tmp_path):
     settings = SampleSettings(steps=2, width=32, height=32)
+    (tmp_path / "00006-99.png").write_bytes(b"")  # someone else's file: numbering continues after it
     first = write_samples(tiny, ["a", "b"], ["", ""], tmp_path, settings=settings, seed=3)
-    os.utime(first[0], ns=(1, 1))  # mark: untouched unless rewritten
-    first[1].unlink()  # "killed" before image 1 was written
-    again = write_samples(tiny, ["a", "b"], ["", ""], tmp_path, settings=settings, seed=3)
-    assert os.stat(again[0]).st_mtime_ns == 1  # kept
-    assert again[1].is_file()  # remade
-    before = _arr(again[0])
-    write_samples(tiny, ["a", "b"], ["", ""], tmp_path, settings=SampleSettings(steps=2, width=32, height=32, cfg=3.0),
-                  seed=3)  # other parameters: rewritten
-    assert os.stat(again[0]).st_mtime_ns != 1
-    assert np.abs(_arr(again[0]) - before).max() > 0
+    first_bytes = [p.read_bytes() for p in first]
+    second = write_samples(tiny, ["a", "b"], ["", ""], tmp_path, settings=settings, seed=3)
+    assert [p.name for p in first] == ["00007-3.png", "00008-4.png", "grid-00007.png"]
+    assert [p.name for p in second] == ["00009-3.png", "00010-4.png", "grid-00009.png"]
+    assert [p.read_bytes() for p in first] == first_bytes  # nothing of the first run was overwritten
+    assert read_png_info(second[0]).params["Seed"] == "3"
+    assert np.abs(_arr(first[0]) - _arr(second[0])).max() == 0  # same seed, same image, new file
+
+
+def test_progress_counts_denoising_steps_times_images(tiny, tmp_path):
+    calls = []
+    write_samples(tiny, ["a", "b", "c"], ["", "", ""], tmp_path, settings=SampleSettings(steps=4, width=32, height=32),
+                  batch_size=2, images_per_prompt=1, grid=False, progress=lambda done, total: calls.append((done, total)))
+    assert {t for _, t in calls} == {12}  # 4 steps x 3 images
+    # one call per step: batch 1 (2 images) then batch 2 (1 image), after an initial 0
+    assert [d for d, _ in calls] == [0, 2, 4, 6, 8, 9, 10, 11, 12]
+
+
+def test_parameters_name_the_checkpoint_file_and_its_hash(tiny, model_cache, tmp_path):
+    import hashlib
+
+    from tasks.models.load import save_diffusers_folder
+    from tasks.models.sources import resolve_model_source
+
+    builtin = resolve_model_source("builtin:tiny-sd15", model_cache).path
+    run = tmp_path / "data" / "train" / "7d7cb8abbf906fd3"  # a pipeline output: the stem alone says "model"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(builtin.read_bytes())
+    named = tmp_path / "my-finetune-e0003.safetensors"
+    named.write_bytes(builtin.read_bytes())
+    kw = dict(steps=1, width=32, height=32, cache_dir=model_cache, device="cpu", grid=False, notify=lambda m: None)
+    p = read_png_info(sample_main(str(named), "x", out_dir=tmp_path / "a", **kw)[0]).params
+    assert p["Model"] == "my-finetune-e0003"
+    assert p["Model hash"] == hashlib.sha256(named.read_bytes()).hexdigest()[:10]  # A1111's short hash
+    p = read_png_info(sample_main(str(run / "model.safetensors"), "x", out_dir=tmp_path / "b", **kw)[0]).params
+    assert p["Model"] == "train-7d7cb8ab-model"
+    folder = tmp_path / "fm-diffusers"
+    save_diffusers_folder(tiny.components, folder)
+    p = read_png_info(sample_main(str(folder), "x", out_dir=tmp_path / "c", **kw)[0]).params
+    assert p["Model"] == "fm-diffusers" and "Model hash" not in p  # a folder: no single file to hash
+
+
+def test_a_tiny_demo_model_says_that_noise_is_expected(model_cache, tmp_path, capsys):
+    notes = []
+    sample_main("builtin:tiny-sd15", "x", out_dir=tmp_path, steps=1, width=32, height=32, cache_dir=model_cache,
+                device="cpu", grid=False, notify=notes.append)
+    assert len(notes) == 1 and "tiny" in notes[0] and "coloured noise" in notes[0] and "expected" in notes[0]
+    sample_main("builtin:tiny-sd15", "x", out_dir=tmp_path, steps=1, width=32, height=32, cache_dir=model_cache,
+                device="cpu", grid=False)
+    assert "coloured noise" in capsys.readouterr().err  # default: one line on stderr
 
 
 def test_same_seed_same_image_whatever_the_batching(tiny):
