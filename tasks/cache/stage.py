@@ -196,5 +196,5 @@ def _decoded_sheet(ctx: StageContext, chunks: list[ChunkInfo], chunk_ids: list[n
 
 
 SPEC = StageSpec(name="cache", upstream=("ingest", "tag", "quality", "bucket"), code_version=CODE_VERSION,
-                 build=build, resumable=True, fingerprint_extra=fingerprint_extra,
+                 gpu=True, build=build, resumable=True, fingerprint_extra=fingerprint_extra,
                  plan_shards=shards.plan_shards, run_shard=shards.run_shard)

@@ -78,6 +78,7 @@ class StageSpec:
     code_version: str
     build: Callable[[StageContext], StageResult]
     resumable: bool = False  # keep the work folder across kills (the stage journals its progress)
+    gpu: bool = False  # may use a GPU: runs under the GPU concurrency limit when its device is not the CPU
     # What else decides the output besides the config section (e.g. sha256 of a model file the
     # config only names by path): hashed into the fingerprint so a changed file reruns the stage.
     fingerprint_extra: Callable[[PipelineConfig], dict[str, Any]] | None = None

@@ -336,4 +336,4 @@ def _grid(work: Path, ck: EvalCheckpoint, concepts: list[Concept], units: dict[s
 
 
 SPEC = StageSpec(name="eval", upstream=("ingest", "tag", "train"), code_version=CODE_VERSION, build=build,
-                 resumable=True)
+                 resumable=True, gpu=True)

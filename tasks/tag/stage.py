@@ -410,5 +410,5 @@ def fingerprint_extra(cfg) -> dict:
 
 
 SPEC = StageSpec(name="tag", upstream=("ingest",), code_version=CODE_VERSION, build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard,
+                 gpu=True, fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard,
                  shard_slots=shard_slots)
