@@ -4,13 +4,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from data_contracts.errors import ConfigError
+from data_contracts.errors import BooruflowError, ConfigError
 from data_contracts.lock import StageLock
 from data_contracts.store import ArtifactStore
 from flows.publish import ProgressReporter, publish_outcome
@@ -152,42 +157,217 @@ def _store_for(data_root: str, cache_dir: str, storage_options: str) -> Artifact
 
 
 def _publish(stage: str, cfg: PipelineConfig, outcome: StageOutcome) -> None:
-    publish_outcome(outcome, file_server(cfg))
+    store = _store(cfg)
+    publish_outcome(outcome, file_server(cfg), open_file=lambda rel: store.path(outcome.manifest, rel))
     get_run_logger().info("%s %s: %s", stage, "cached" if outcome.cached else "built", outcome.output_path)
 
 
-def _gpu_slot(stage: str, cfg: PipelineConfig, force: bool = False):
-    """Hold the GPU concurrency slot so two runs never fight for one GPU (no-op without the limit).
+# ---------------------------------------------------------------------------------------------- GPU slot
+SLOT_FIRST_WAIT_S = 3.0  # a free slot is granted at once: after this long, say that the stage waits
+SLOT_LOG_EVERY_S = 30.0  # then say it again this often while it waits
+Note = Callable[[str], None]
 
-    A GPU stage whose output is already complete (and not forced) only reads manifests: it does not
-    queue behind another run's training for that.
-    """
-    from contextlib import nullcontext
 
-    if stage not in GPU_STAGES or (not force and is_cached(stage_spec(stage), cfg, _store(cfg))):
-        return nullcontext()
+def stage_device(stage: str, cfg: PipelineConfig) -> str:
+    """The device a stage runs on: its own `device` (tag), else runtime.device (cache, train, eval); `auto`
+    resolved on this host (a stage whose work runs on a remote Dask/Ray cluster keeps `auto`: unknown here)."""
+    device = getattr(getattr(cfg, stage, None), "device", None) or cfg.runtime.device
+    if device == "auto" and not cfg.runtime.runner_address:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def takes_gpu_slot(stage: str, cfg: PipelineConfig, force: bool = False) -> bool:
+    """A GPU stage that will run on a GPU. One on the CPU never queues behind another run's GPU work; a
+    complete output (not forced) only reads manifests, so it does not queue either."""
+    if stage not in GPU_STAGES or stage_device(stage, cfg) == "cpu":
+        return False
+    if force:
+        return True
+    try:
+        return not is_cached(stage_spec(stage), cfg, _store(cfg))
+    except BooruflowError:  # e.g. no upstream output: the stage itself says so, inside its task
+        return True
+
+
+def read_gpu_limit(name: str):
+    """The global concurrency limit `name`, or None when it does not exist or is inactive."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return None
+    return limit if limit.active else None
+
+
+def _this_flow_run() -> UUID | None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
+
+
+SLOT_PHASES = {"prefect.concurrency-limit.acquired": 1, "prefect.concurrency-limit.released": -1}
+
+
+def _slot_events(client, limit_id: UUID, days: int, pages: int = 4) -> list:
+    """The newest acquired/released events of the limit (50 a page, the API's maximum)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    since = datetime.now(timezone.utc) - timedelta(days=days)
+    page = client.read_events(EventFilter(occurred=EventOccurredFilter(since=since),
+                                          event=EventNameFilter(name=list(SLOT_PHASES)),
+                                          resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{limit_id}"])),
+                              limit=50)
+    events = list(page.events)
+    for _ in range(pages - 1):
+        if not page.next_page:
+            break
+        page = client.read_events_page(str(page.next_page))
+        events += page.events
+    return events
+
+
+def _net_holders(events: list) -> dict[UUID, tuple[str, datetime]]:
+    """Flow run id -> (its description, when it took the slot) for runs with more acquired than released."""
+    held: dict[UUID, int] = {}
+    about: dict[UUID, tuple[str, datetime]] = {}
+    for event in events:
+        roles = {r.role: r for r in event.related}
+        run = roles.get("flow-run")
+        if run is None or not run.id.startswith("prefect.flow-run."):
+            continue  # taken outside any flow run: nothing to name
+        run_id = UUID(run.id.removeprefix("prefect.flow-run."))
+        held[run_id] = held.get(run_id, 0) + SLOT_PHASES[event.event]
+        if SLOT_PHASES[event.event] > 0 and (run_id not in about or event.occurred > about[run_id][1]):
+            where = "/".join(r.name for r in (roles.get("flow"), roles.get("deployment")) if r is not None and r.name)
+            about[run_id] = (f"{where + ' ' if where else ''}run '{run.name}'", event.occurred)
+    return {i: about[i] for i, n in held.items() if n > 0 and i in about}
+
+
+def slot_holders(limit_id: UUID, exclude: UUID | None = None, days: int = 7) -> list[str]:
+    """Who holds slots of the limit now, as far as Prefect can tell: the flow runs with more `acquired` than
+    `released` concurrency events for it (Prefect records them with the run that took the slot) that are
+    still running. Best effort: [] when the API keeps no events."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    try:
+        with get_client(sync_client=True) as client:
+            holders = {i: v for i, v in _net_holders(_slot_events(client, limit_id, days)).items() if i != exclude}
+            if not holders:
+                return []
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(holders))))
+    except Exception:  # who holds it is a courtesy: never fail or stall a stage over it
+        return []
+    live = {r.id for r in runs if r.state is not None and not r.state.is_final()}
+    return [f"{name} (since {since.astimezone().strftime('%H:%M:%S')})" for i, (name, since) in holders.items()
+            if i in live]
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def waiting_line(stage: str, name: str, waited_s: float, me: UUID | None = None) -> str:
+    """What the stage waits for: the limit, its slots, and who holds them when Prefect can tell."""
+    try:
+        limit = read_gpu_limit(name)
+    except Exception:  # an unreachable API: still say that the stage waits
+        limit = None
+    if limit is None:
+        return f"{stage}: waiting for a slot of the GPU limit '{name}'; waited {_duration(waited_s)} so far"
+    holders = slot_holders(limit.id, exclude=me)
+    unnamed = max(0, limit.active_slots - len(holders))
+    who = ", ".join(holders + ([f"{unnamed} holder(s) outside any flow run Prefect can name"] if unnamed and holders
+                               else []))
+    return (f"{stage}: waiting for the GPU: {limit.active_slots}/{limit.limit} slot(s) of concurrency limit '{name}' "
+            f"taken{' by ' + who if who else ' (Prefect cannot tell by whom)'}; waited {_duration(waited_s)} so far. "
+            f"More slots: `fm serve --gpu-slots N`; the limit counts across the whole Prefect server")
+
+
+@contextmanager
+def hold_gpu_slot(stage: str, name: str, log, note: Note | None = None) -> Iterator[None]:
+    """Hold one slot of the limit for the block. Prefect's concurrency() waits without a word (and a short
+    timeout_seconds logs an ERROR from Prefect's acquisition service on every expiry), so it waits as usual
+    while a side thread says, after SLOT_FIRST_WAIT_S and then every SLOT_LOG_EVERY_S, what it waits for and
+    who holds it (a log line and a progress note)."""
     from prefect.concurrency.sync import concurrency
 
-    return concurrency(cfg.runtime.gpu_limit, occupy=1, strict=False)
+    got = threading.Event()
+    started = time.monotonic()
+    me = _this_flow_run()  # context variables do not reach the side thread
+    said: list[str] = []
+
+    def talk() -> None:
+        wait = SLOT_FIRST_WAIT_S
+        while not got.wait(wait):
+            line = waiting_line(stage, name, time.monotonic() - started, me)
+            if got.is_set():
+                return
+            said.append(line)
+            log.info("%s", line)
+            if note is not None:
+                note(line.split("; ")[0].removeprefix(f"{stage}: "))
+            wait = SLOT_LOG_EVERY_S
+
+    talker = threading.Thread(target=talk, name=f"{stage}-gpu-slot-wait", daemon=True)
+    talker.start()
+    try:
+        with concurrency(name, occupy=1, strict=False):
+            got.set()
+            talker.join(timeout=10)
+            if said:
+                log.info("%s: got the GPU slot of '%s' after %s", stage, name, _duration(time.monotonic() - started))
+            yield
+    finally:
+        got.set()
+
+
+def _gpu_slot(stage: str, cfg: PipelineConfig, force: bool = False, log=None, note: Note | None = None):
+    """Hold the GPU concurrency slot so two runs never fight for one GPU (no-op without the limit).
+
+    Only a GPU stage that will really run on a GPU takes it (takes_gpu_slot). A missing limit (no
+    `fm serve`, an in-process `fm run`) is checked once and skipped with a debug line, rather than
+    Prefect's warning on every acquisition.
+    """
+    if not takes_gpu_slot(stage, cfg, force):
+        return nullcontext()
+    log = log or get_run_logger()
+    name = cfg.runtime.gpu_limit
+    if read_gpu_limit(name) is None:
+        log.debug("%s: no concurrency limit '%s' on this Prefect server: not holding a GPU slot", stage, name)
+        return nullcontext()
+    return hold_gpu_slot(stage, name, log, note)
 
 
 @task(name="stage", retries=0, cache_policy=NO_CACHE)
-def stage_task(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    """Prepare a stage; unsharded stages also build, commit and publish here."""
+def stage_task(stage: str, cfg: PipelineConfig, force: bool, progress_id: UUID | None = None) -> dict[str, Any]:
+    """Prepare a stage; unsharded stages also build, commit and publish here. progress_id: the stage's
+    progress artifact (made by the flow, which also finishes it)."""
     install_redaction()
-    progress = ProgressReporter(stage)
+    progress = ProgressReporter(stage, artifact_id=progress_id)
     try:
         prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
                                  log=get_run_logger())  # type: ignore[arg-type]
         shards = plan_shards(prepared)
         if shards:
             slots = worker_slots(prepared, len(shards)) if cfg.runtime.task_runner == "thread" else []
+            progress(0.02, f"{len(shards)} shard(s) planned")
             return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards,
                     "slots": [slot.device for slot in slots]}
         outcome = finish_stage(prepared)
     finally:
         progress.close()
-    progress.done()
+    if progress_id is None:  # called on its own: nobody else finishes its progress
+        progress.done(outcome.cached)
     _publish(stage, cfg, outcome)
     return _outcome_summary(stage, outcome)
 
@@ -242,13 +422,16 @@ def _ray_gpu_options(stage: str, cfg: PipelineConfig):
     return remote_options(num_gpus=1)
 
 
-def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any], force: bool = False) -> dict[str, Any]:
+def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any], force: bool = False,
+                progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Map the stage's shards over the configured task runner, then merge into one contract.
 
     A stage that asks for worker processes (one per GPU) under the thread runner gets one task per
     device, each running its round-robin share of the shards in its own process.
     """
+    progress = progress or (lambda fraction, message: None)
     slots = info.get("slots") or []
+    n = len(info["shards"])
     if len(slots) > 1:
         import shutil
         import tempfile
@@ -266,32 +449,51 @@ def run_sharded(stage: str, cfg: PipelineConfig, info: dict[str, Any], force: bo
                     )
                     for r, device in enumerate(slots)
                 ]
-                by_index = {int(s["index"]): s for f in futures for s in f.result()}
+                progress(0.05, f"{n} shard(s) on {len(slots)} device workers")
+                by_index = {}
+                for done, future in enumerate(futures, 1):  # in order: the same on every runner
+                    by_index.update({int(s["index"]): s for s in future.result()})
+                    progress(0.05 + 0.85 * done / len(futures), f"{done}/{len(futures)} device workers done")
         finally:
             shutil.rmtree(claims, ignore_errors=True)
         # A shard nobody reported (a worker died after claiming it) is run by the merge (build runs any
         # shard missing from the journal).
         results = [by_index[int(s["index"])] for s in info["shards"] if int(s["index"]) in by_index]
-        return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results,
-                                                                        force)
-    with make_task_runner(cfg) as runner, _ray_gpu_options(stage, cfg):
-        futures = [
-            runner.submit(
-                shard_task.with_options(task_run_name=f"{stage}-shard-{i}"),
-                {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "shard": shard},
-            )
-            for i, shard in enumerate(info["shards"])
-        ]
-        results = [f.result() for f in futures]
+    else:
+        with make_task_runner(cfg) as runner, _ray_gpu_options(stage, cfg):
+            futures = [
+                runner.submit(
+                    shard_task.with_options(task_run_name=f"{stage}-shard-{i}"),
+                    {"stage": stage, "cfg": cfg, "fingerprint": info["fingerprint"], "shard": shard},
+                )
+                for i, shard in enumerate(info["shards"])
+            ]
+            results = []
+            for future in futures:  # in order (Dask and Ray futures too): a shard's progress may show late
+                results.append(future.result())
+                progress(0.05 + 0.85 * len(results) / n, f"shard {len(results)}/{n}")
+    progress(0.92, "merging shards")
     return merge_task.with_options(task_run_name=f"{stage}-merge")(stage, cfg, info["fingerprint"], results, force)
 
 
 def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    # The stage lock on the data root, then the GPU slot, each spanning the whole stage (prepare, every shard
-    # on whatever runner, merge): a second run of the stage waits for the lock without holding a GPU.
-    with StageLock(_store(cfg), stage, log=get_run_logger()), _gpu_slot(stage, cfg, force):  # type: ignore[arg-type]
-        info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force)
-        return run_sharded(stage, cfg, info, force) if info["shards"] and not info["cached"] else info
+    """One stage, its progress artifact ending at 100 % (built or cached) or saying why it failed.
+
+    The stage lock on the data root, then the GPU slot, each span the whole stage (prepare, every shard on
+    whatever runner, merge): a second run of the stage waits for the lock without holding a GPU.
+    """
+    log = get_run_logger()
+    progress = ProgressReporter(stage, bar=False)
+    try:
+        with StageLock(_store(cfg), stage, log=log), _gpu_slot(stage, cfg, force, log, progress.note):  # type: ignore[arg-type]
+            info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force, progress.artifact_id)
+            if info["shards"] and not info["cached"]:
+                info = run_sharded(stage, cfg, info, force, progress)
+    except BaseException as exc:
+        progress.failed(exc)
+        raise
+    progress.done(bool(info["cached"]))
+    return info
 
 
 def run_ab_experiment(cfg: PipelineConfig, force: bool) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ other line to `on_line` (the flow-run log). Multi-node runs take accelerate's ow
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,6 +27,49 @@ from tasks.train.worker import EXIT_USER_ERROR
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LineFn = Callable[[str], None]
 EventFn = Callable[[dict], None]
+
+
+def duration(seconds: float | None) -> str:
+    """3h07m, 4m05s, 12s; '?' when unknown."""
+    if seconds is None or math.isnan(seconds) or seconds < 0:
+        return "?"
+    m, sec = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "?" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def event_line(event: dict[str, Any]) -> str | None:
+    """The log line of a training event (None: the event only moves the progress bar)."""
+    kind = event.get("event")
+    if kind == "step":
+        step, total = int(event["step"]), int(event["total_steps"])
+        why = " · epoch end" if event.get("epoch_end") else ""
+        return (f"train: step {step}/{total} ({100 * step / max(1, total):.1f} %) · epoch {event['epoch']}/"
+                f"{event['epochs']}{why} · loss {_num(event.get('loss_smoothed'), '.4f')} (smoothed; this step "
+                f"{_num(event.get('loss'), '.4f')}) · lr {_num(event.get('lr'), '.2e')} · "
+                f"{_num(event.get('samples_per_s'), '.1f')} samples/s · elapsed {duration(event.get('elapsed_s'))} · "
+                f"ETA {duration(event.get('eta_s'))}")
+    if kind == "start":
+        return (f"train: {event['total_steps']} optimiser steps ({event['steps_per_epoch']} batches an epoch per "
+                f"process), {event['world_size']} process(es) on {event['device']}")
+    if kind == "resume":
+        return f"train: resuming from checkpoint {event['checkpoint']} at step {event['step']}"
+    if kind == "samples":
+        return f"train: sample grid at step {event['step']}: {event['path']}"
+    if kind == "done":
+        return (f"train: finished {event.get('steps')} steps in {duration(event.get('wall_s'))}, final loss "
+                f"{_num(event.get('final_loss'), '.4f')}, {_num(event.get('mean_samples_per_s'), '.1f')} samples/s")
+    return None
+
+
+def tensorboard_hint(logdir: Path | str) -> str:
+    """How to watch the run: the tensorboard next to this Python (the project's venv) when it is there."""
+    exe = Path(sys.executable).parent / "tensorboard"
+    return f"{exe if exe.exists() else 'tensorboard'} --logdir {logdir}"
 
 
 def visible_gpus() -> int:

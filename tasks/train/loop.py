@@ -37,6 +37,9 @@ RESULT_NAME = "result.json"
 HISTORY_JSONL = "history.jsonl"
 # Fault injection for the kill/resume test: SIGKILL this process right after the given optimiser step.
 KILL_ENV = "BOORUFLOW_TRAIN_KILL_AT_STEP"
+# Seconds between two step lines in the log (besides the first step, each epoch end and the last step).
+TALK_ENV = "BOORUFLOW_TRAIN_LOG_EVERY_S"
+TALK_EVERY_S = 30.0
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -136,6 +139,50 @@ def nan_stop_message(work: Path, step: int, bad_in_row: int, tolerance: int) -> 
     return (f"training stopped at step {step}: {bad_in_row} optimiser steps in a row had a non-finite loss or "
             f"gradient (train.nan_tolerance={tolerance}). {where}. Lower train.lr, use train.mixed_precision=bf16 "
             "instead of fp16, or check the cached latents")
+
+
+class StepTalk:
+    """When training says a step line, and what it says: the first optimiser step (this run or after a
+    resume), then every `every_s` seconds, each epoch end and the last step. The loss is smoothed (bias-
+    corrected EMA, as TensorBoard does); samples/s is over the span since the previous line; the ETA is the
+    pace since the first step (so compile and model loading do not inflate it) times the steps left."""
+
+    def __init__(self, total: int, start_step: int, steps_per_epoch: int, grad_accum: int, every_s: float,
+                 start_samples: int = 0, clock: Callable[[], float] = time.monotonic, beta: float = 0.9) -> None:
+        self.total, self.start_step, self.spe, self.every_s = total, start_step, max(1, steps_per_epoch), every_s
+        self.start_samples = start_samples
+        self.epochs = max(1, math.ceil(total * grad_accum / self.spe))
+        self.clock, self.beta = clock, beta
+        self.t0 = clock()
+        self.t_first: float | None = None
+        self.first_step = start_step
+        self.last_t, self.last_samples = self.t0, None
+        self.ema, self.ema_n = 0.0, 0
+
+    def update(self, step: int, micro_batches: int, grad_accum: int, loss: float, lr: float,
+               samples_seen: int) -> dict[str, Any] | None:
+        """Called after every optimiser step; the `step` event to emit, or None."""
+        now = self.clock()
+        if math.isfinite(loss):
+            self.ema, self.ema_n = self.beta * self.ema + (1 - self.beta) * loss, self.ema_n + 1
+        first = self.t_first is None
+        if first:
+            self.t_first, self.first_step = now, step
+        epoch_end = micro_batches // self.spe > (micro_batches - grad_accum) // self.spe
+        final = step >= self.total
+        if not (first or final or epoch_end or now - self.last_t >= self.every_s):
+            return None
+        span, done = now - self.last_t, samples_seen - (self.start_samples if self.last_samples is None
+                                                         else self.last_samples)
+        pace = ((now - self.t_first) / (step - self.first_step) if step > self.first_step
+                else (now - self.t0) / max(1, step - self.start_step))
+        smoothed = self.ema / (1 - self.beta ** self.ema_n) if self.ema_n else float("nan")
+        self.last_t, self.last_samples = now, samples_seen
+        return {"event": "step", "step": step, "total_steps": self.total,
+                "epoch": min(self.epochs, (micro_batches - 1) // self.spe + 1), "epochs": self.epochs,
+                "epoch_end": epoch_end, "loss": loss, "loss_smoothed": smoothed, "lr": lr,
+                "samples_per_s": done / span if span > 0 else None,
+                "elapsed_s": now - self.t0, "eta_s": max(0.0, (self.total - step) * pace)}
 
 
 class History:
@@ -296,6 +343,8 @@ class _Run:
                    "device": str(self.device)})
         val: dict[str, float] = {}
         last_reader_state = reader_state
+        talk = StepTalk(total, state.step, spe, cfg.grad_accum, float(os.environ.get(TALK_ENV) or TALK_EVERY_S),
+                        state.samples_seen) if self.main else None
         window_t0 = time.perf_counter()
         window_wait = 0.0
         window_extra = 0.0
@@ -327,6 +376,9 @@ class _Run:
                         raise StageError(nan_stop_message(self.work, state.step, state.consecutive_bad,
                                                           cfg.nan_tolerance))
                 final = state.step == total
+                if talk is not None and (line := talk.update(state.step, state.micro_batches, cfg.grad_accum, out.loss,
+                                                             scheduler.get_last_lr()[0], state.samples_seen)):
+                    self.emit(line)
                 if state.step % cfg.logging.every == 0 or final:
                     dt = time.perf_counter() - window_t0 - window_extra  # training time only
                     row = {"step": state.step, "epoch": state.epoch, "loss": out.loss,

@@ -16,9 +16,9 @@ from data_contracts.train import HISTORY_SCHEMA
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.train.checkpoint import checkpoint_root
-from tasks.train.launch import launch
+from tasks.train.launch import duration, event_line, launch, tensorboard_hint
 from tasks.train.loop import HISTORY_JSONL, RESULT_NAME, RunSpec
-from tasks.train.visuals import make_train_curves
+from tasks.train.visuals import make_train_curves, report_table_rows
 
 CODE_VERSION = "1"
 RUN_FILE = "run.json"
@@ -69,16 +69,21 @@ def build(ctx: StageContext) -> StageResult:
             ctx.progress(float(event["fraction"]) * 0.95,
                          f"step {event['step']}/{event['total_steps']} loss {event['loss']:.4f} "
                          f"{event['samples_per_s']:.1f} samples/s")
-        elif kind == "samples":
-            ctx.log.info("train: sample grid %s", event["path"])
-        elif kind in ("start", "resume"):
-            ctx.log.info("train: %s", json.dumps(event))
+        elif kind == "step":
+            ctx.progress(int(event["step"]) / max(1, int(event["total_steps"])) * 0.95,
+                         f"step {event['step']}/{event['total_steps']}, ETA {duration(event.get('eta_s'))}")
+        line = event_line(event)  # readable lines in the log, never raw JSON
+        if line:
+            ctx.log.info("%s", line)
 
     done = ctx.work / RESULT_NAME
     if done.exists():  # trained and exported before a kill: only the bookkeeping below is left
         result = json.loads(done.read_text())
         spec.save(ctx.work / RUN_FILE)  # the committed copy names its own folder, never the work folder
     else:
+        if cfg.logging.tensorboard:
+            ctx.log.info("train: watch it live: %s (after the run: %s/tb)", tensorboard_hint(ctx.work / "tb"),
+                         ctx.store.output_path("train", ctx.fingerprint))
         if cfg.accelerate_config:  # multi-node: the other machines join with the same run file
             ctx.log.info("train: multi-node run: on every other machine run `fm train-node %s --accelerate-config "
                          "<that machine's config>`", ctx.work / RUN_FILE)
@@ -94,8 +99,9 @@ def build(ctx: StageContext) -> StageResult:
         shutil.rmtree(checkpoint_root(ctx.work), ignore_errors=True)
     report = StageReport(
         summary_md=_summary(result, cfg) + note,
-        tables={"history": [r for r in rows if r.get("loss") is not None][-50:],
-                "validation": [{"metric": k, "value": v} for k, v in (result.get("validation") or {}).items()]},
+        tables={"history": report_table_rows([r for r in rows if r.get("loss") is not None][-50:]),
+                "validation": report_table_rows([{"metric": k, "value": v}
+                                                 for k, v in (result.get("validation") or {}).items()])},
         images={**curves, **{f"samples at {Path(p).stem}": p for p in result.get("samples", [])}},
     )
     stats = {k: result.get(k) for k in ("samples_seen", "skipped_steps", "world_size", "wall_s",

@@ -1,16 +1,18 @@
-"""The Prefect UI shows a stage's image artifact: real server, real file server, headless Chromium.
+"""The Prefect UI shows a stage's report with its pictures while no file server runs: real server, headless Chromium.
 
-A bucket contact sheet of two solid-colour images is made by tasks/bucket/visuals.py into a stage
-output folder under a data root, the data root is served by flows/fileserver.FileServer, a flow run
-publishes the outcome through flows/publish.publish_outcome (image artifacts with file-server URLs),
-and Chromium renders the artifact's UI page. The screenshot must contain both colours in blocks the
-size of a thumbnail: only the served PNG, loaded by the browser from the file server, can put them there.
+A bucket contact sheet of two solid-colour images is made by tasks/bucket/visuals.py into a stage output
+folder under a data root, a flow run publishes the outcome through flows/publish.publish_outcome (the
+`fm-<stage>-report` markdown artifact), naming a data file server that is down (as after `fm up` stopped),
+and Chromium renders the report's UI page. The screenshot must contain both colours in blocks the size of a
+thumbnail: only the picture inside the artifact itself, served by the Prefect server's own origin, can put
+them there.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,7 +22,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.fileserver import FileServer
 from flows.publish import artifact_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,13 @@ def publish():
 
 print("MADE=" + json.dumps(publish()))
 """
+
+
+def dead_url() -> str:
+    """The address of a file server that is not running (a port nobody listens on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def make_stage_output(data_root: Path) -> tuple[Path, dict[str, str]]:
@@ -87,38 +95,38 @@ def colour_pixels(png: Path, colour: tuple[int, int, int]) -> int:
     return int((np.abs(px - np.array(colour)).max(-1) <= 3).sum())
 
 
-def test_prefect_ui_renders_a_stage_image_artifact(prefect_env, tmp_path):
+def test_prefect_ui_renders_a_stage_report_with_its_pictures_while_the_file_server_is_down(prefect_env, tmp_path):
     data_root = tmp_path / "data"
     out, images = make_stage_output(data_root)
-    with FileServer(data_root) as files:
-        args = {"fingerprint": "fp0001", "images": images, "output": str(out), "url": files.url,
-                "root": str(data_root)}
-        env = dict(prefect_env, PYTHONPATH=str(ROOT))
-        run = subprocess.run([sys.executable, "-c", PUBLISH, json.dumps(args)], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-        made = json.loads(run.stdout.split("MADE=")[-1])
-        key = artifact_key("fm", "bucket", "img", CAPTION)
-        assert made[key] == "image"
+    url = dead_url()
+    args = {"fingerprint": "fp0001", "images": images, "output": str(out), "url": url, "root": str(data_root)}
+    env = dict(prefect_env, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", PUBLISH, json.dumps(args)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    made = json.loads(run.stdout.split("MADE=")[-1])
+    key = artifact_key("fm", "bucket", "report")
+    assert made[key] == "markdown"
+    assert not any("-img-" in k for k in made), made  # no per-picture cards any more
 
-        api_url = prefect_env["PREFECT_API_URL"]
-        found = api_post(api_url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
-        assert len(found) == 1 and found[0]["type"] == "image"
-        assert found[0]["data"] == f"{files.url}/bucket/fp0001/{images[CAPTION]}"
+    api_url = prefect_env["PREFECT_API_URL"]
+    found = api_post(api_url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
+    assert len(found) == 1 and found[0]["type"] == "markdown"
+    assert "](data:image/" in found[0]["data"]  # the picture travels inside the artifact
 
-        page = f"{api_url.removesuffix('/api')}/artifacts/artifact/{found[0]['id']}"
-        shot = tmp_path / "ui.png"
-        counts: list[int] = []
-        for budget in (10_000, 30_000):  # a loaded machine may need longer for the SPA to fetch
-            shot.unlink(missing_ok=True)
-            subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
-                            f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars",
-                            f"--virtual-time-budget={budget}", page],
-                           capture_output=True, timeout=90, env=dict(os.environ, HOME=str(tmp_path)))
-            assert shot.is_file(), f"chromium wrote no screenshot of {page}"
-            counts = [colour_pixels(shot, c) for c in COLOURS]
-            if min(counts) >= 100 * 100:
-                break
+    page = f"{api_url.removesuffix('/api')}/artifacts/artifact/{found[0]['id']}"
+    shot = tmp_path / "ui.png"
+    counts: list[int] = []
+    for budget in (10_000, 30_000):  # a loaded machine may need longer for the SPA to fetch
+        shot.unlink(missing_ok=True)
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
+                        f"--screenshot={shot}", "--window-size=1400,2400", "--hide-scrollbars",
+                        f"--virtual-time-budget={budget}", page],
+                       capture_output=True, timeout=90, env=dict(os.environ, HOME=str(tmp_path)))
+        assert shot.is_file(), f"chromium wrote no screenshot of {page}"
+        counts = [colour_pixels(shot, c) for c in COLOURS]
+        if min(counts) >= 100 * 100:
+            break
     # Each thumbnail is 160 x 160 px of its colour (less a 2-px crop-box outline): at least 100 x 100 each.
-    assert min(counts) >= 100 * 100, f"screenshot {shot} shows {counts} px of {COLOURS}: the image did not render"
+    assert min(counts) >= 100 * 100, f"screenshot {shot} shows {counts} px of {COLOURS}: the picture did not render"

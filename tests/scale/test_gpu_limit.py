@@ -1,21 +1,31 @@
 """The `booruflow-gpu` global concurrency limit keeps two runs off one GPU (real flow, real Prefect API).
 
-GPU stages (tag, cache, train, eval) hold one slot of the limit for the whole stage (prepare, every shard,
-merge); other stages take none. With 1 slot two concurrent `fm` runs tag one after the other; without the
-limit the same pair tags at the same time, so the assertion can fail.
+GPU stages (tag, cache, train, eval) on a GPU hold one slot of the limit for the whole stage (prepare, every
+shard, merge); other stages, and GPU stages on the CPU, take none. With 1 slot two concurrent `fm` runs tag
+one after the other; without the limit the same pair tags at the same time, so the assertion can fail.
+A run that waits says so in its log, with the limit, its slots and the flow run holding it; a missing limit
+is skipped without Prefect's warning.
+
+This machine may have no GPU: the tests that need the tag stage to count as a GPU stage say its device is
+cuda (`stage_device`), while the tagger itself runs wherever torch finds a device.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Iterator
 
 import pytest
 
+import flows.fm as fm_module
 from flows.deploy import ensure_gpu_limit
-from flows.fm import GPU_LIMIT, GPU_STAGES, fm
+from flows.fm import GPU_LIMIT, GPU_STAGES, fm, takes_gpu_slot
+from pipeline_config.load import load_config
 
 POSTS, SHARD = 96, 32  # ~70 posts pass the filters: 3 shards, so prepare + 3 shard tasks + merge per run
 MEET_S = 8.0  # how long the first tag run waits inside its stage for the other one
@@ -55,15 +65,50 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("gpu-limit")
 
 
-def _overrides(root, threshold: float) -> list[str]:
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """The tag stage counts as a GPU stage whatever this machine has (its tagger runs where torch can)."""
+    real = fm_module.stage_device
+    monkeypatch.setattr(fm_module, "stage_device", lambda stage, cfg: "cuda" if stage == "tag" else real(stage, cfg))
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.DEBUG) -> list[str]:
+        return [r.getMessage() for r in list(self.records) if r.levelno >= level]
+
+
+@contextmanager
+def prefect_log() -> Iterator[Records]:
+    """Every record of Prefect's loggers (flow and task run logs, debug lines of flow runs included) while the
+    block runs."""
+    handler = Records()
+    logger, runs = logging.getLogger("prefect"), logging.getLogger("prefect.flow_runs")
+    level = runs.level
+    logger.addHandler(handler)
+    runs.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        runs.setLevel(level)
+
+
+def _overrides(root, threshold: float, data: str = "data") -> list[str]:
     # A different threshold is a different tag fingerprint: every run below really builds.
-    return [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}", f"ingest.embedded.posts={POSTS}",
+    return [f"data_root={root / data}", f"runtime.cache_dir={root / 'cache'}", f"ingest.embedded.posts={POSTS}",
             f"tag.shard_size={SHARD}", "runtime.task_runner=thread", "runtime.max_workers=2",
             f"tag.general_threshold={threshold}"]
 
 
-def _run(root, stages: list[str], threshold: float = 0.35):
-    state = fm(config="demo", stages=stages, overrides=_overrides(root, threshold), return_state=True)
+def _run(root, stages: list[str], threshold: float = 0.35, data: str = "data"):
+    state = fm(config="demo", stages=stages, overrides=_overrides(root, threshold, data), return_state=True)
     assert state.is_completed(), state.message
     return state
 
@@ -102,9 +147,13 @@ def _tag_interval(flow_run_id, n_shards: int, timeout_s: float = 20.0) -> tuple[
     return min(r.start_time for r in done), max(r.end_time for r in done)
 
 
+PAIR_ROOTS = ("data-a", "data-b")  # one data root each: the stage lock of a data root never separates them
+
+
 def _pair(root, thresholds: tuple[float, float]) -> tuple[list[tuple[datetime, datetime]], list[int | None]]:
-    """Two `fm` runs of the tag stage at once (threads of this process); their tag intervals and the
-    GPU limit's active_slots sampled meanwhile."""
+    """Two `fm` runs of the tag stage at once (threads of this process), each on its own data root so
+    that only the GPU limit can keep them apart; their tag intervals and the GPU limit's active_slots
+    sampled meanwhile."""
     seen: list[int | None] = []
     stop = threading.Event()
 
@@ -117,7 +166,7 @@ def _pair(root, thresholds: tuple[float, float]) -> tuple[list[tuple[datetime, d
     watcher.start()
     try:
         with ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(_run, root, ["tag"], t) for t in thresholds]
+            runs = [pool.submit(_run, root, ["tag"], t, data) for t, data in zip(thresholds, PAIR_ROOTS)]
             states = [run.result(timeout=180) for run in runs]
     finally:
         stop.set()
@@ -134,7 +183,7 @@ def _overlap(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> floa
     return (min(a[1], b[1]) - max(a[0], b[0])).total_seconds()
 
 
-def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api):
+def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api, on_gpu):
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
     from prefect.concurrency.sync import concurrency
 
@@ -165,10 +214,11 @@ def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api)
     assert again["cached"] and again["fingerprint"] == tag["fingerprint"]
 
 
-def test_two_runs_never_tag_at_once_with_one_slot_and_do_without_the_limit(root, prefect_api, monkeypatch):
+def test_two_runs_never_tag_at_once_with_one_slot_and_do_without_the_limit(root, prefect_api, monkeypatch, on_gpu):
     from tasks.tag import stage as tag_stage
 
-    _run(root, ["ingest"])  # cached when the test above ran first
+    for data in PAIR_ROOTS:
+        _run(root, ["ingest"], data=data)
     asyncio.run(ensure_gpu_limit(1))
 
     meet = Rendezvous(tag_stage.SPEC.run_shard)
@@ -183,6 +233,93 @@ def test_two_runs_never_tag_at_once_with_one_slot_and_do_without_the_limit(root,
         client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
     meet = Rendezvous(meet.real)
     monkeypatch.setattr(tag_stage.SPEC, "run_shard", meet)
-    (a, b), seen = _pair(root, (0.31, 0.41))
+    with prefect_log() as log:
+        (a, b), seen = _pair(root, (0.31, 0.41))
     assert set(seen) == {None}
     assert meet.met and _overlap(a, b) > 0, f"without the limit the tag stages did not overlap: {a} {b}"
+    # A missing limit is looked up once per stage and skipped quietly: not Prefect's warning on every try.
+    assert not [m for m in log.messages() if "do not exist" in m]
+    assert sum(f"no concurrency limit '{GPU_LIMIT}'" in m for m in log.messages(logging.DEBUG)) == 2
+
+
+def test_a_waiting_run_says_which_limit_and_which_run_holds_it(root, prefect_api, on_gpu, monkeypatch):
+    """Another flow run holds the only slot: the waiting run logs the limit, its slots and that run's name,
+    again while it waits, and when it gets the slot."""
+    from prefect import flow
+    from prefect.concurrency.sync import concurrency
+
+    monkeypatch.setattr(fm_module, "SLOT_FIRST_WAIT_S", 0.5)
+    monkeypatch.setattr(fm_module, "SLOT_LOG_EVERY_S", 1.0)
+    _run(root, ["ingest"])
+    asyncio.run(ensure_gpu_limit(1))
+    holding, release = threading.Event(), threading.Event()
+
+    @flow(name="gpu-hog", flow_run_name="hog-run")
+    def hog() -> None:
+        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+            holding.set()
+            release.wait(120)
+
+    def waiting_lines(log: Records) -> list[str]:
+        return [m for m in log.messages(logging.INFO) if m.startswith("tag: waiting for the GPU")]
+
+    with ThreadPoolExecutor(2) as pool, prefect_log() as log:
+        held = pool.submit(hog)
+        assert holding.wait(60)
+        waiting = pool.submit(_run, root, ["tag"], 0.45)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it said so twice and named the holder
+            lines = waiting_lines(log)
+            if len(lines) >= 2 and any("hog-run" in m for m in lines):
+                break
+            assert not waiting.done()
+            time.sleep(0.2)
+        lines = waiting_lines(log)
+        release.set()
+        held.result(timeout=60)
+        [tag] = waiting.result(timeout=120).result()
+    assert not tag["cached"]
+    assert len(lines) >= 2, lines  # said at once, then again while waiting
+    assert all(f"1/1 slot(s) of concurrency limit '{GPU_LIMIT}'" in m for m in lines), lines
+    assert any("gpu-hog run 'hog-run'" in m for m in lines), lines
+    assert any(m.startswith(f"tag: got the GPU slot of '{GPU_LIMIT}' after") for m in log.messages(logging.INFO))
+
+
+def test_cpu_stages_never_take_the_gpu_slot(tmp_path, monkeypatch):
+    """No Prefect server: a stage on the CPU (its device, runtime.device, or auto without CUDA) decides so
+    before any Prefect call; only a GPU stage on a GPU asks for the limit."""
+    import torch
+
+    def cfg(*overrides: str):
+        return load_config("demo", [f"data_root={tmp_path / 'data'}", *overrides])
+
+    asked: list[str] = []
+    monkeypatch.setattr(fm_module, "read_gpu_limit", lambda name: asked.append(name))  # None: no such limit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for stage in ("cache", "train", "eval"):
+        assert not takes_gpu_slot(stage, cfg("runtime.device=cpu"), force=True)
+        assert takes_gpu_slot(stage, cfg("runtime.device=cuda"), force=True)
+        assert takes_gpu_slot(stage, cfg("runtime.device=auto"), force=True)
+    assert not takes_gpu_slot("tag", cfg("tag.device=cpu", "runtime.device=cuda"), force=True)
+    assert takes_gpu_slot("tag", cfg("tag.device=cuda", "runtime.device=cpu"), force=True)
+    assert not takes_gpu_slot("bucket", cfg("runtime.device=cuda"), force=True)
+    for stage in ("tag", "cache", "train", "eval"):  # nothing built yet: not cached, so not forced is the same
+        assert takes_gpu_slot(stage, cfg("runtime.device=cuda", "tag.device=cuda"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto resolves to the CPU
+    for stage in ("tag", "cache", "train", "eval"):
+        assert not takes_gpu_slot(stage, cfg("runtime.device=auto", "tag.device=auto"), force=True)
+        with fm_module._gpu_slot(stage, cfg("runtime.device=auto"), True, log=logging.getLogger("t")):
+            pass
+    assert asked == []  # decided without asking Prefect for the limit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    log = Records()
+    logger = logging.getLogger("booruflow.test-gpu-slot")
+    logger.addHandler(log)
+    logger.setLevel(logging.DEBUG)
+    with fm_module._gpu_slot("train", cfg("runtime.device=auto"), True, log=logger):
+        pass
+    assert asked == [GPU_LIMIT]  # a GPU stage asks once; no limit: one debug line, no waiting, no warning
+    assert [(r.levelno, r.getMessage()) for r in log.records] == [
+        (logging.DEBUG, f"train: no concurrency limit '{GPU_LIMIT}' on this Prefect server: not holding a GPU slot")]
