@@ -33,9 +33,9 @@ def stage_fingerprint(
     )
 
 
-# Files that describe an output for people (reports, pictures, TensorBoard events with wall-clock times):
-# not part of what a downstream stage consumes, so they do not change its identity.
-PRESENTATION = ("report.json", "visuals/", "tb/")
+# Files that describe an output for people (reports, pictures, sample grids, TensorBoard events with wall-clock
+# times): not part of what a downstream stage consumes, so they do not change its identity.
+PRESENTATION = ("report.json", "visuals/", "samples/", "tb/")
 
 
 def content_id(manifest: Any) -> str:

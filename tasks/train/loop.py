@@ -511,7 +511,7 @@ class _Run:
             import numpy as np
 
             rel = f"samples/step-{step:08d}.png"
-            save_grid(np.concatenate(images), self.work / rel, cols=len(s.seeds))
+            save_grid(np.concatenate(images), self.work / rel, cols=len(s.seeds), prompts=s.prompts, seeds=s.seeds)
             path = rel
         self.acc.wait_for_everyone()
         return path

@@ -192,7 +192,8 @@ def test_sample_grid_under_bf16_autocast_is_an_image(make_cache, model_cache, tm
                                              "width": 64, "height": 64}))
     assert result["samples"] == ["samples/step-00000001.png"]
     grid = np.asarray(Image.open(work / result["samples"][0]))
-    assert grid.shape == (64, 128, 3) and grid.std() > 5  # one row (prompt) x two columns (seeds)
+    # one row (prompt) x two columns (seeds) of 64 px images shown at >= 128 px, each with its caption below
+    assert grid.shape[1] >= 2 * 128 and grid.shape[0] > 128 and grid.std() > 5
 
 
 def test_cudagraph_bookkeeping_keeps_own_grad_buffers_with_the_same_update(model_cache):
