@@ -7,12 +7,14 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install clean-demo
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt packages/minibooru/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first, then everything else under the same pins (timm would swap torch otherwise)
 	$(BIN)/python -m pip install -q -r constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dask]'
+	# the mini-booru (demo + tests: a generated Danbooru with a local server); not part of the product
+	$(BIN)/python -m pip install -q -c constraints.txt -e packages/minibooru
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -188,7 +188,7 @@ def main() -> None:
     booru = args.cache / f"minibooru-{args.posts}-{args.seed}-{args.max_side}"
     print(f"mini-booru {booru} (generated on first use: ~{args.posts * 0.05 / 60:.0f} min)", flush=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "tasks.ingest.minibooru", "serve", "--dir", str(booru), "--posts", str(args.posts),
+        [sys.executable, "-m", "minibooru", "serve", "--dir", str(booru), "--posts", str(args.posts),
          "--seed", str(args.seed), "--max-side", str(args.max_side)],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

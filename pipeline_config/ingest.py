@@ -6,7 +6,7 @@ Two sources:
   `<runtime.cache_dir>` and serves it on a free loopback port for the duration of the stage: the crawl
   then runs over real HTTP exactly as against Danbooru.
 - `danbooru_dump`: JSON Lines or Parquet of post records in the API's shape plus an images folder or tar
-  shards (the layout of `tasks/ingest/minibooru/dump.py`).
+  shards (the layout of `packages/minibooru/minibooru/dump.py`).
 
 Credentials never live in the config: it names the environment variables that hold them.
 """

@@ -1,7 +1,7 @@
 """The `danbooru_dump` source: post records from JSON Lines / Parquet, images from a folder or tar shards.
 
 Metadata: `dump.posts_path` is a file (.jsonl, .jsonl.gz, .json list, .parquet) or a folder. A folder with a
-`dump.json` marker (tasks/ingest/minibooru/dump.py layout, also what people build from danbooru2023) lists
+`dump.json` marker (packages/minibooru/minibooru/dump.py layout, also what people build from danbooru2023) lists
 its metadata files and image shards; any other folder is read as every metadata file in it, by name.
 Images: `dump.images_path` (default: the dump's `images/` folder, else its `*.tar` shards):
 - a folder holding `<md5>.<ext>`, `<md5[:2]>/<md5>.<ext>`, `<md5[:2]>/<md5[2:4]>/<md5>.<ext>`, `<id>.<ext>` or
@@ -44,6 +44,7 @@ from tasks.ingest.filters import PostFilter
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.parse import Post, parse_post
 from tasks.ingest.verify import verify_file
+from tasks.ingest.tag_query import parse_tags
 
 BATCH = 1000
 CHUNK = 1 << 20
@@ -104,10 +105,9 @@ def iter_records(files: list[Path]) -> Iterator[Any]:
 
 
 def compile_queries(tags_list: list[str]) -> list[Callable[[Post, Mapping[str, Any]], bool]]:
-    """Danbooru tag-search semantics (the local server's parser), applied to parsed posts."""
+    """Danbooru tag-search semantics (tasks/ingest/tag_query.py, the parser the local server uses too), applied
+    to parsed posts."""
     import fnmatch
-
-    from tasks.ingest.minibooru.server import parse_tags
 
     matchers = []
     for text in tags_list:

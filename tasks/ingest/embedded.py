@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from data_contracts.errors import ConfigError
 from pipeline_config.ingest import EMBEDDED_URL, EmbeddedConfig, IngestConfig
 from tasks.ingest.parse import Post
 
@@ -23,9 +24,26 @@ def minibooru_dir(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
     return Path(cache_dir) / f"minibooru-{cfg.posts}-{cfg.seed}-{cfg.max_side}"
 
 
+def _minibooru():
+    """The mini-booru package (demo and tests only, packages/minibooru): a clear message where it is missing."""
+    try:
+        import minibooru
+    except ImportError as exc:
+        raise ConfigError(
+            f"ingest.api.base_url {EMBEDDED_URL!r} needs the mini-booru demo package, which is not installed: "
+            "`pip install -e packages/minibooru` from the booruflow checkout (`make demo` does it), or point "
+            "ingest.api.base_url at a Danbooru server") from exc
+    return minibooru
+
+
+def generator_version() -> int:
+    """The mini-booru generator's version: a new one generates other posts, so it is part of the fingerprint."""
+    return _minibooru().GENERATOR_VERSION
+
+
 def ensure_minibooru(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
     """Generate the mini-booru unless a complete one is already cached; returns its folder."""
-    from tasks.ingest.minibooru.generate import generate_minibooru
+    generate_minibooru = _minibooru().generate_minibooru
 
     folder = minibooru_dir(cache_dir, cfg)
     booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side)
@@ -38,8 +56,7 @@ def api_endpoint(cfg: IngestConfig, cache_dir: str | Path) -> Iterator[tuple[str
     if cfg.api.base_url != EMBEDDED_URL:
         yield cfg.api.base_url, False
         return
-    from tasks.ingest.minibooru.server import serve_minibooru
-
+    serve_minibooru = _minibooru().serve_minibooru
     folder = ensure_minibooru(cache_dir, cfg.embedded)
     with serve_minibooru(folder, host="127.0.0.1", port=0, tag_limit=cfg.api.tag_limit) as server:
         log.info("ingest: serving the embedded mini-booru %s at %s", folder.name, server.url)

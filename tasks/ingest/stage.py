@@ -27,7 +27,7 @@ from tasks.ingest.api import resolve_credentials
 from tasks.ingest.assemble import assemble
 from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
 from tasks.ingest.dump_reader import import_dump, metadata_files
-from tasks.ingest.embedded import api_endpoint
+from tasks.ingest.embedded import api_endpoint, generator_version
 from tasks.ingest.journal import Journal
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.shards import JOURNAL_DIR, check_queries, sharded, source_description
@@ -161,9 +161,7 @@ def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
             return {}  # build() raises the same error with its message
         return {"dump": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     if section.api.base_url == EMBEDDED_URL:
-        from tasks.ingest.minibooru.generate import GENERATOR_VERSION
-
-        return {"minibooru_generator": GENERATOR_VERSION}
+        return {"minibooru_generator": generator_version()}
     return {}
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tasks.ingest.minibooru import Faults, MiniBooru, MiniBooruServer, generate_minibooru, serve_minibooru
+from minibooru import Faults, MiniBooru, MiniBooruServer, generate_minibooru, serve_minibooru
 
 MINIBOORU_POSTS = 60
 MINIBOORU_SEED = 7

@@ -8,7 +8,7 @@ import pytest
 
 from data_contracts.errors import ConfigError
 from tasks.ingest.dump_reader import iter_records, metadata_files
-from tasks.ingest.minibooru import serve_minibooru, write_dump
+from minibooru import serve_minibooru, write_dump
 from tests.ingest.test_stage import make_cfg, outputs, run
 
 QUERIES = [{"tags": "shiraishi_yuki_(hanasaki_gakuen)", "quota": 1000, "name": "yuki"},

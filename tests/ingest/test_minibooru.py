@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.ingest.minibooru import CHARACTERS, MiniBooru, generate_minibooru, write_dump
-from tasks.ingest.minibooru.generate import MARKER, _plan_posts
-from tasks.ingest.minibooru.render import COLOURS
+from minibooru import CHARACTERS, MiniBooru, generate_minibooru, write_dump
+from minibooru.generate import MARKER, _plan_posts
+from minibooru.render import COLOURS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "danbooru"
 CURRENT_POST = json.loads((FIXTURES / "post_show_9969513_2025_booruhs.json").read_text())
@@ -265,3 +265,33 @@ def test_dump_round_trip(minibooru: MiniBooru, tmp_path: Path, fmt: str, images:
               for p in posts if "md5" in p}
     for name, data in files.items():
         assert hashlib.md5(data).hexdigest() == by_key[name]["md5"]
+
+
+def test_the_product_runs_without_the_demo_package(tmp_path):
+    """The mini-booru is a demo/test package: every stage imports without it, the dump reader parses queries
+    with the ingest's own tag-query module, and the embedded source says what to install."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = """
+import sys
+sys.modules["minibooru"] = None  # not installed
+from tasks.registry import implemented_stages, stage_spec
+for name in implemented_stages():
+    stage_spec(name)
+from tasks.ingest.dump_reader import compile_queries
+compile_queries(["1girl -comic rating:g,s"])
+from data_contracts.errors import ConfigError
+from pipeline_config.load import load_config
+from tasks.ingest.stage import fingerprint_extra
+try:
+    fingerprint_extra(load_config("demo"))
+except ConfigError as exc:
+    print("CONFIG ERROR:", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CONFIG ERROR:" in proc.stdout and "pip install -e packages/minibooru" in proc.stdout

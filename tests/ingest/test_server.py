@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tasks.ingest.minibooru import Faults, MiniBooru, MiniBooruServer, generate_minibooru
+from minibooru import Faults, MiniBooru, MiniBooruServer, generate_minibooru
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "danbooru"
 CURRENT_POST = json.loads((FIXTURES / "post_show_9969513_2025_booruhs.json").read_text())
@@ -383,7 +383,7 @@ def test_admin_endpoint_switches_faults(minibooru_server_factory) -> None:
 
 
 def test_cli_serves_until_sigterm(minibooru: MiniBooru) -> None:
-    cmd = [sys.executable, "-m", "tasks.ingest.minibooru", "serve", "--dir", str(minibooru.root), "--posts", "60",
+    cmd = [sys.executable, "-m", "minibooru", "serve", "--dir", str(minibooru.root), "--posts", "60",
            "--seed", "7", "--max-side", "320", "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -14,7 +14,7 @@ from data_contracts.errors import StageError
 from data_contracts.store import ArtifactStore
 from tasks.common.stage import finish_stage, plan_shards, prepare_stage
 from tasks.ingest import shards
-from tasks.ingest.minibooru import write_dump
+from minibooru import write_dump
 from tests.ingest.test_stage import SPEC, make_cfg, run
 
 INGEST = {"queries": [{"tags": "hanasaki_gakuen", "quota": 1000}, {"tags": "", "quota": 1000, "name": "all"}],

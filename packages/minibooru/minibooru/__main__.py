@@ -1,8 +1,8 @@
 """Command line: generate, serve or dump a mini-booru.
 
-    python -m tasks.ingest.minibooru serve --posts 300 --seed 0 --port 8765 --dir .data/minibooru
-    python -m tasks.ingest.minibooru generate --posts 2000 --dir /tmp/mb
-    python -m tasks.ingest.minibooru dump --dir /tmp/mb --out /tmp/mb-dump --fmt parquet --images tar
+    python -m minibooru serve --posts 300 --seed 0 --port 8765 --dir .data/minibooru
+    python -m minibooru generate --posts 2000 --dir /tmp/mb
+    python -m minibooru dump --dir /tmp/mb --out /tmp/mb-dump --fmt parquet --images tar
 
 `serve` generates the booru first when the folder holds no complete one with these parameters, prints one line
 `MINIBOORU_URL=<url>` (flushed) once it accepts connections, and runs until SIGINT/SIGTERM. Credentials for
@@ -24,7 +24,7 @@ from .server import Faults, serve_minibooru
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.ingest.minibooru")
+    ap = argparse.ArgumentParser(prog="python -m minibooru")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("serve", "generate"):
         sp = sub.add_parser(name)

@@ -6,13 +6,22 @@ local HTTP server with switchable faults, and an offline dump writer. Used by te
         ...
     write_dump(booru.root, dump_dir, fmt="parquet", images="tar")
 
-Standalone: `python -m tasks.ingest.minibooru serve --posts N --seed S --port P --dir D`.
+Standalone: `python -m minibooru serve --posts N --seed S --port P --dir D`.
 """
 from .dump import POST_PARQUET_SCHEMA, write_dump
-from .generate import ARTISTS, CHARACTERS, SERIES, MiniBooru, generate_minibooru, hide_file_fields, image_url
+from .generate import (
+    ARTISTS,
+    CHARACTERS,
+    GENERATOR_VERSION,
+    SERIES,
+    MiniBooru,
+    generate_minibooru,
+    hide_file_fields,
+    image_url,
+)
 from .server import Faults, MiniBooruServer, ServerStats, parse_tags, serve_minibooru
 
 __all__ = [
-    "ARTISTS", "CHARACTERS", "SERIES", "POST_PARQUET_SCHEMA", "Faults", "MiniBooru", "MiniBooruServer", "ServerStats",
+    "ARTISTS", "CHARACTERS", "GENERATOR_VERSION", "SERIES", "POST_PARQUET_SCHEMA", "Faults", "MiniBooru", "MiniBooruServer", "ServerStats",
     "generate_minibooru", "hide_file_fields", "image_url", "parse_tags", "serve_minibooru", "write_dump",
 ]

@@ -426,9 +426,55 @@ def _size(rng: np.random.Generator, role: str, max_side: int) -> tuple[int, int]
     return long_side, max(16, int(round(long_side / ratio)))
 
 
+@dataclasses.dataclass
+class _Drawn:
+    """What the scene step decided: the picture to render and the tags that are true of it."""
+
+    scene: Scene
+    general: list[str]  # every true general tag
+    composition: str
+    background: str
+
+
+@dataclasses.dataclass
+class _File:
+    ext: str
+    md5: str
+    file_size: int
+    duration: float | None
+    pixel_hash: str
+    has_file: bool
+    meta: list[str]  # file-kind meta tags (animated, video, ...)
+
+
 def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
-    """Render the post's file (if any) and build its Danbooru record + ground truth."""
+    """Render the post's file (if any) and build its Danbooru record + ground truth.
+
+    scene -> file -> tags -> record, all drawing from one generator seeded by the plan: the order of the steps
+    is the order of the draws, so it must stay as it is for a given GENERATOR_VERSION (same booru, same bytes).
+    """
     rng = np.random.default_rng(plan["seed"])
+    drawn = _draw_scene(plan, rng, max_side)
+    file = _make_file(plan, rng, drawn.scene, images)
+    general, characters, copyright_tags, meta = _observed_tags(plan, rng, drawn, file, max_side)
+    record = _post_record(plan, rng, md5=file.md5, ext=file.ext, width=drawn.scene.width,
+                          height=drawn.scene.height, file_size=file.file_size, duration=file.duration,
+                          pixel_hash=file.pixel_hash or hashlib.md5(file.md5.encode()).hexdigest(),
+                          general=general, character=characters, copyright=copyright_tags,
+                          artist=[plan["artist"].tag], meta=meta, hidden=plan["banned"] or plan["restricted"])
+    series: Series = plan["series"]
+    truth = {
+        "characters": sorted(c.tag for c in plan["characters"]),
+        "series": [series.tag] if not plan["original"] else ["original"],
+        "artist": plan["artist"].tag, "general": sorted(set(drawn.general)), "md5": file.md5, "file_ext": file.ext,
+        "has_file": file.has_file, "composition": drawn.composition, "background": drawn.background,
+        "rating": plan["rating"], "hidden": plan["banned"] or plan["restricted"], "year": plan["created"].year,
+    }
+    return record, truth
+
+
+def _draw_scene(plan: dict, rng: np.random.Generator, max_side: int) -> _Drawn:
+    """Size, composition, background and figures of the picture, and the general tags true of it."""
     role = plan["role"]
     series: Series = plan["series"]
     artist: Artist = plan["artist"]
@@ -476,31 +522,9 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
         if expression == "open_mouth" and rng.random() < 0.5:
             general.append("smile")  # open-mouthed smile
         general.append("looking_at_viewer" if at_viewer and not closed else "looking_to_the_side")
-    n_girls = sum(1 for lk in looks if not lk.male)
-    n_boys = len(looks) - n_girls
-    if n_girls:
-        general.append(f"{n_girls}girl" if n_girls == 1 else f"{n_girls}girls")
-    if n_boys:
-        general.append(f"{n_boys}boy" if n_boys == 1 else f"{n_boys}boys")
-    if len(looks) == 1:
-        general.append("solo")
-    if n_girls > 1:
-        general.append("multiple_girls")
-    if n_boys > 1:
-        general.append("multiple_boys")
+    general += _count_tags(looks)
     general += COMPOSITION_TAGS[composition]
-    if background == series.background:
-        general += series.bg_tags
-    elif background == "white":
-        general += ["simple_background", "white_background"]
-    elif background == "grey":
-        general += ["simple_background", "grey_background"]
-    elif background == "colour":
-        general += ["simple_background", f"{series.tint}_background"]
-    elif background == "gradient":
-        general += ["gradient_background", f"{series.tint}_background"]
-    elif background == "transparent":
-        general += ["transparent_background"]
+    general += _background_tags(background, series)
 
     comic_panels = 0
     greyscale = False
@@ -517,6 +541,40 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
 
     scene = Scene(width, height, tuple(figures), background, series.palette, artist.style, composition,
                   comic_panels, greyscale, seed=plan["seed"])
+    return _Drawn(scene, general, composition, background)
+
+
+def _count_tags(looks: list[Look]) -> list[str]:
+    """1girl / 2girls / 1boy / solo / multiple_girls ... from the figures."""
+    tags = []
+    n_girls = sum(1 for lk in looks if not lk.male)
+    n_boys = len(looks) - n_girls
+    if n_girls:
+        tags.append(f"{n_girls}girl" if n_girls == 1 else f"{n_girls}girls")
+    if n_boys:
+        tags.append(f"{n_boys}boy" if n_boys == 1 else f"{n_boys}boys")
+    if len(looks) == 1:
+        tags.append("solo")
+    if n_girls > 1:
+        tags.append("multiple_girls")
+    if n_boys > 1:
+        tags.append("multiple_boys")
+    return tags
+
+
+def _background_tags(background: str, series: Series) -> list[str]:
+    if background == series.background:
+        return list(series.bg_tags)
+    return {"white": ["simple_background", "white_background"],
+            "grey": ["simple_background", "grey_background"],
+            "colour": ["simple_background", f"{series.tint}_background"],
+            "gradient": ["gradient_background", f"{series.tint}_background"],
+            "transparent": ["transparent_background"]}.get(background, [])
+
+
+def _make_file(plan: dict, rng: np.random.Generator, scene: Scene, images: Path) -> _File:
+    """The post's file: rendered and encoded into `images/<md5>.<ext>` (none for posts the API hides)."""
+    role = plan["role"]
     ext = {"png": "png", "png_rgba": "png", "webp": "webp", "gif": "gif", "mp4": "mp4", "zip": "zip", "swf": "swf"}.get(role, "jpg")
     if role == "" and rng.random() < 0.1:
         ext = "png"
@@ -535,7 +593,7 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
         # pseudo md5 keeps truth.json consistent.
         data = None
     elif ext in UNSUPPORTED_EXTS:
-        data, duration = _opaque_file(ext, rng, width, height)
+        data, duration = _opaque_file(ext, rng, scene.width, scene.height)
     else:
         img = render_scene(scene)
         if ext == "gif":
@@ -545,7 +603,7 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
             data, duration = buf.getvalue(), 0.4
             meta += ["animated", "animated_gif"]
         else:
-            data = _encode(img, ext, artist.style.jpeg_quality)
+            data = _encode(img, ext, plan["artist"].style.jpeg_quality)
         pixel_hash = hashlib.md5(img.tobytes()).hexdigest()
 
     if data is not None:
@@ -555,8 +613,15 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
     else:
         md5 = hashlib.md5(f"hidden-{plan['id']}-{plan['seed']}".encode()).hexdigest()
         file_size = int(rng.integers(80_000, 900_000))
+    return _File(ext, md5, file_size, duration, pixel_hash, data is not None, meta)
 
-    # meta tags
+
+def _observed_tags(plan: dict, rng: np.random.Generator, drawn: _Drawn, file: _File,
+                   max_side: int) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The tags the post carries on the booru: (general, character, copyright, meta). Like Danbooru's, they
+    are incomplete: some true general and character tags are dropped."""
+    width, height = drawn.scene.width, drawn.scene.height
+    meta = list(file.meta)
     s = max_side / 3400.0  # the largest generated side plays the part of a 3400 px original
     if (width >= 1600 * s and height >= 1200 * s) or (width >= 1200 * s and height >= 1600 * s):
         meta.append("highres")
@@ -567,30 +632,19 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
     if rng.random() < 0.04:
         meta.append("bad_id")
         meta.append("bad_pixiv_id")
-    if role == "comic" and rng.random() < 0.5:
+    if plan["role"] == "comic" and rng.random() < 0.5:
         meta.append("translated")
     if plan["banned"]:
         meta.append("banned_artist")
 
-    true_general = sorted(set(general))
     kept = []
-    for t in true_general:  # Danbooru tags are incomplete: drop some true tags
+    for t in sorted(set(drawn.general)):  # Danbooru tags are incomplete: drop some true tags
         p = 0.03 if t in {"1girl", "1boy", "solo", "2girls", "multiple_girls", "comic"} else 0.14
         if rng.random() >= p:
             kept.append(t)
-    char_tags = sorted({c.tag for c in chars if rng.random() >= 0.02})
-    copyright_tags = ["original"] if plan["original"] else [series.tag]
-    record = _post_record(plan, rng, md5=md5, ext=ext, width=width, height=height, file_size=file_size,
-                          duration=duration, pixel_hash=pixel_hash or hashlib.md5(md5.encode()).hexdigest(),
-                          general=kept, character=char_tags, copyright=copyright_tags, artist=[artist.tag],
-                          meta=sorted(set(meta)), hidden=hidden)
-    truth = {
-        "characters": sorted(c.tag for c in chars), "series": [series.tag] if not plan["original"] else ["original"],
-        "artist": artist.tag, "general": true_general, "md5": md5, "file_ext": ext, "has_file": data is not None,
-        "composition": composition, "background": background, "rating": plan["rating"], "hidden": hidden,
-        "year": plan["created"].year,
-    }
-    return record, truth
+    characters = sorted({c.tag for c in plan["characters"] if rng.random() >= 0.02})
+    copyright_tags = ["original"] if plan["original"] else [plan["series"].tag]
+    return kept, characters, copyright_tags, sorted(set(meta))
 
 
 def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
