@@ -33,16 +33,16 @@ def stage_fingerprint(
     )
 
 
-# Files that describe an output for people (reports, pictures, sample grids, TensorBoard events with wall-clock
-# times): not part of what a downstream stage consumes, so they do not change its identity.
-PRESENTATION = ("report.json", "visuals/", "samples/", "tb/")
-
-
 def content_id(manifest: Any) -> str:
     """An upstream output as a downstream fingerprint sees it: its fingerprint plus the digest of the sha256s
-    of its data files (the manifest already holds them). Equal content, equal id; a forced rebuild that made
-    other data gives another id."""
-    data = sorted((f.path, f.sha256) for f in manifest.files if not f.path.startswith(PRESENTATION))
+    of the files downstream stages consume (`manifest.CONTENT`, globs; the manifest already holds the hashes).
+    Equal content, equal id; a forced rebuild that made other data gives another id. Reports, pictures,
+    TensorBoard files and run bookkeeping (timings) are not content."""
+    import fnmatch
+
+    patterns = manifest.CONTENT
+    data = sorted((f.path, f.sha256) for f in manifest.files
+                  if any(fnmatch.fnmatchcase(f.path, p) for p in patterns))
     return f"{manifest.fingerprint}.{digest(data, 12)}"
 
 

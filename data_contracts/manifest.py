@@ -25,6 +25,9 @@ class StageManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     STAGE: ClassVar[str] = ""
     CONTRACT_VERSION: ClassVar[int] = 0
+    # The files downstream stages consume (fnmatch globs; `*` crosses folders): their sha256s are the output's
+    # content identity in downstream fingerprints (data_contracts.fingerprint.content_id).
+    CONTENT: ClassVar[tuple[str, ...]] = ("*.parquet", "*.safetensors", "diffusers/*")
 
     stage: str
     contract_version: int

@@ -29,6 +29,7 @@ SCHEMAS = {"history": HISTORY_SCHEMA}
 class TrainManifest(StageManifest):
     STAGE = STAGE
     CONTRACT_VERSION = CONTRACT_VERSION
+    CONTENT = ("*.safetensors", "diffusers/*")  # the weights (history.parquet holds wall-clock rates)
     objective: str  # flow | ddpm
     base_model_identity: str
     steps: int
