@@ -79,7 +79,15 @@ def file_server(cfg: PipelineConfig) -> tuple[str, str] | None:
     return (f"http://{fs.host}:{fs.port}", cfg.data_root) if fs.enabled else None
 
 
-GPU_STAGES = frozenset({"tag", "cache", "train", "eval"})
+def __getattr__(name: str):
+    """GPU_STAGES: the stages whose spec says they may use a GPU (tasks/registry.py is the one stage list)."""
+    if name == "GPU_STAGES":
+        from tasks.registry import implemented_stages
+
+        return frozenset(s for s in implemented_stages() if stage_spec(s).gpu)
+    raise AttributeError(name)
+
+
 GPU_LIMIT = "booruflow-gpu"  # default name of the Prefect global concurrency limit (runtime.gpu_limit)
 
 
@@ -182,7 +190,7 @@ def stage_device(stage: str, cfg: PipelineConfig) -> str:
 def takes_gpu_slot(stage: str, cfg: PipelineConfig, force: bool = False) -> bool:
     """A GPU stage that will run on a GPU. One on the CPU never queues behind another run's GPU work; a
     complete output (not forced) only reads manifests, so it does not queue either."""
-    if stage not in GPU_STAGES or stage_device(stage, cfg) == "cpu":
+    if not stage_spec(stage).gpu or stage_device(stage, cfg) == "cpu":
         return False
     if force:
         return True
@@ -415,7 +423,7 @@ def _ray_gpu_options(stage: str, cfg: PipelineConfig):
 
     # The stage's own device (tag.device), else runtime.device (cache).
     device = getattr(getattr(cfg, stage, None), "device", None) or cfg.runtime.device
-    if cfg.runtime.task_runner != "ray" or stage not in GPU_STAGES or device != "cuda":
+    if cfg.runtime.task_runner != "ray" or not stage_spec(stage).gpu or device != "cuda":
         return nullcontext()
     from prefect_ray.context import remote_options
 

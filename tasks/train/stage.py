@@ -120,4 +120,5 @@ def build(ctx: StageContext) -> StageResult:
     )
 
 
-SPEC = StageSpec(name="train", upstream=("cache",), code_version=CODE_VERSION, build=build, resumable=True)
+SPEC = StageSpec(name="train", upstream=("cache",), code_version=CODE_VERSION, build=build, resumable=True,
+                 gpu=True)
