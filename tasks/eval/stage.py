@@ -37,13 +37,13 @@ from tasks.models.single_file import read_metadata
 from tasks.models.vae import decode_latents
 from tasks.sample.grid import labelled_grid
 from tasks.sample.main import LoadedModel, generation_info, load_for_sampling
+from tasks.diffusion.objectives import objective_named
 from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
 from tasks.sample.pngmeta import save_png
 
 CODE_VERSION = "3"  # 2: report table "checkpoints" (was "summary"); 3: labelled concept x seed grids
 RESULTS_FILE = "results.parquet"
 PLOT_FILE = "plots/learning_curve.png"
-PREDICTION = {"flow": "flow", "ddpm": "epsilon", "epsilon": "epsilon"}
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -57,14 +57,13 @@ def _extra_objective_and_step(spec: str) -> tuple[str, int]:
     objective = "flow"
     if path.is_file() and path.suffix == ".safetensors":
         meta = read_metadata(path)
-        objective = "ddpm" if meta.get("booruflow.objective") in ("ddpm", "epsilon") else "flow"
+        objective = objective_named(meta.get("booruflow.objective") or "flow").name
         if step < 0 and str(meta.get("booruflow.steps", "")).isdigit():
             step = int(meta["booruflow.steps"])
     elif path.is_dir() and (path / "trainer.json").is_file():
         trainer = json.loads((path / "trainer.json").read_text())
         step = int(trainer.get("step", step))
-        if (trainer.get("extra") or {}).get("objective") in ("ddpm", "epsilon"):
-            objective = "ddpm"
+        objective = objective_named((trainer.get("extra") or {}).get("objective") or "flow").name
     return objective, step
 
 
@@ -255,7 +254,7 @@ def build(ctx: StageContext) -> StageResult:
         settings = SampleSettings(
             steps=cfg.steps, cfg=cfg.cfg_scale, shift=cfg.shift or model.recommended_shift or 3.0,
             sampler=cfg.sampler, width=cfg.width, height=cfg.height,
-            prediction=PREDICTION.get(ck.objective, "flow")).check()
+            prediction=objective_named(ck.objective).prediction).check()
         probes: dict[str, CentroidProbe] = {}
         for kind in kinds:
             members = [c for c in concepts if c.kind == kind]

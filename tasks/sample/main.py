@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_contracts.errors import ConfigError
+from tasks.diffusion.objectives import objective_named
 from tasks.models.load import SD15Components, default_cache_dir, load_sd15
 from tasks.models.single_file import read_metadata
 from tasks.models.sources import resolve_model_source
@@ -79,11 +80,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def _prediction_from_meta(meta: dict[str, str]) -> tuple[Prediction | None, float | None]:
     obj = meta.get("booruflow.objective")
-    pred: Prediction | None = None
-    if obj == "flow":
-        pred = "flow"
-    elif obj in ("ddpm", "epsilon"):
-        pred = "epsilon"
+    pred: Prediction | None = objective_named(obj).prediction if obj else None  # type: ignore[assignment]
     shift = meta.get("booruflow.recommended_shift")
     return pred, float(shift) if shift else None
 
@@ -111,8 +108,8 @@ def load_for_sampling(checkpoint: str, *, cache_dir: Path | None = None, device:
         if (path / "text_encoder.safetensors").is_file():
             _load_state(comp.text_encoder, path / "text_encoder.safetensors")
         trainer = json.loads((path / "trainer.json").read_text())
-        obj = (trainer.get("extra") or {}).get("objective")
-        pred: Prediction = "epsilon" if obj in ("ddpm", "epsilon") else "flow"
+        obj = (trainer.get("extra") or {}).get("objective") or "flow"
+        pred: Prediction = objective_named(obj).prediction  # type: ignore[assignment]
         _to(comp, dev, dt)
         # no hash: the base model's file hash would name weights this folder replaces
         return LoadedModel(comp, f"{path.parent.parent.name}-{path.name}", "", pred, None, loaded.tiny)

@@ -27,7 +27,7 @@ from data_contracts.errors import ConfigError
 from tasks.models.vae import decode_latents
 from tasks.sample.prompt import encode_prompt_pair
 from tasks.sample.samplers import SAMPLER_LABELS, check_sampler, sample
-from tasks.sample.schedules import NUM_TRAIN_TIMESTEPS, SCHEDULES, flow_sigmas
+from tasks.diffusion.schedules import NUM_TRAIN_TIMESTEPS, SCHEDULES, flow_sigmas, sd15_ve_sigmas
 
 Prediction = Literal["flow", "epsilon"]
 ProgressFn = Callable[[int, int], None]  # (images done, images total)
@@ -71,13 +71,6 @@ class SampleSettings:
 
 
 # ------------------------------------------------------------------------------- ε-model support
-
-def sd15_ve_sigmas() -> torch.Tensor:
-    """SD1.5's DDPM table as VE sigmas s_t = √((1 − ᾱ_t)/ᾱ_t), t = 0..999 (scaled-linear betas)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1.0 - betas, dim=0)
-    return ((1 - acp) / acp) ** 0.5
-
 
 def epsilon_flow_sigmas(steps: int, schedule: str = "diffusers") -> torch.Tensor:
     """Sampling sigmas of an ε-model, in flow units σ = s/(1+s), final 0 appended (float32).

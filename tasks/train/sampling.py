@@ -1,6 +1,6 @@
 """Minimal samplers for training sample grids (the full sampler library is tasks/sample/).
 
-Flow: Euler on σ_i = shift(linspace(1, 1/N, N)), then σ = 0 (as diffusers' FlowMatchEulerDiscreteScheduler):
+Flow: Euler on the sigmas of diffusers' FlowMatchEulerDiscreteScheduler (tasks/diffusion/schedules.py, as `fm sample`):
     v̂ = uncond + cfg·(cond − uncond);  x ← x + (σ_next − σ)·v̂.
 DDPM (ε-prediction, SD1.5 schedule): Euler in k-diffusion's σ = √((1−ᾱ)/ᾱ) parameterisation.
 """
@@ -13,14 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.train.objective import NUM_TRAIN_TIMESTEPS, sd15_alphas_cumprod, shift_sigma
+from tasks.diffusion.schedules import NUM_TRAIN_TIMESTEPS, flow_sigmas, sd15_alphas_cumprod
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep, context) -> out
-
-
-def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
-    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    return torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)]).float()
 
 
 def _cfg(model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,

@@ -5,7 +5,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 
 from data_contracts.errors import ConfigError
 from tasks.sample.samplers import SAMPLERS, check_sampler, sample
-from tasks.sample.schedules import flow_sigmas
+from tasks.diffusion.schedules import flow_sigmas
 
 MU, SD = 0.5, 0.5
 

@@ -3,7 +3,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from data_contracts.errors import ConfigError
-from tasks.sample.schedules import comfy_sd3_table, flow_sigmas, shift_sigmas
+from tasks.diffusion.schedules import comfy_sd3_table, flow_sigmas, shift_sigmas
 
 
 @pytest.mark.parametrize("shift", [1.0, 2.0, 3.0, 4.0])

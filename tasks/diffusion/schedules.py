@@ -1,4 +1,7 @@
-"""Flow-matching noise schedules: N+1 descending sigmas (σ=1 pure noise … σ=0 clean).
+"""Noise schedules: SD1.5's DDPM table and the flow-matching sampling sigmas (σ=1 pure noise … σ=0 clean).
+
+SD1.5 (ε-prediction): scaled-linear betas β = linspace(√0.00085, √0.012, 1000)², ᾱ_t = Π(1 − β), as VE
+sigmas s_t = √((1 − ᾱ_t)/ᾱ_t) for samplers. Flow sampling: N+1 descending sigmas.
 
 Two schedules, both built on the SD3 shift σ' = s·σ / (1 + (s − 1)·σ):
 
@@ -27,13 +30,28 @@ import torch
 from data_contracts.errors import ConfigError
 
 NUM_TRAIN_TIMESTEPS = 1000
+SD15_BETA_START = 0.00085
+SD15_BETA_END = 0.012
 Schedule = Literal["diffusers", "simple"]
 SCHEDULES: tuple[str, ...] = ("diffusers", "simple")
 
 
 def shift_sigmas(sigmas, shift: float):
-    """SD3 time shift σ' = s·σ / (1 + (s − 1)·σ); works on floats, numpy arrays and tensors."""
+    """SD3 time shift σ' = s·σ / (1 + (s − 1)·σ): s > 1 moves mass towards noise, s = 1 is the identity; works
+    on floats, numpy arrays and tensors."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sd15_alphas_cumprod(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """ᾱ_t of SD1.5's scaled-linear schedule: β = linspace(√0.00085, √0.012, 1000)²."""
+    betas = torch.linspace(SD15_BETA_START**0.5, SD15_BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(dtype)
+
+
+def sd15_ve_sigmas() -> torch.Tensor:
+    """SD1.5's DDPM table as VE sigmas s_t = √((1 − ᾱ_t)/ᾱ_t), t = 0..999 (float64)."""
+    acp = sd15_alphas_cumprod()
+    return ((1 - acp) / acp) ** 0.5
 
 
 def _check(steps: int, shift: float) -> None:
