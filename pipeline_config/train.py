@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline_config.base import Section
+from pipeline_config.base import Section, execution_field
 
 
 class SamplingConfig(Section):
@@ -84,6 +84,13 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile, static shapes: one graph per bucket shape
     # default, or reduce-overhead: the compiled step replayed as CUDA graphs (no per-kernel launch cost)
     compile_mode: Literal["default", "reduce-overhead"] = "default"
+    # static: one full compile per bucket shape (~160 s each on a fresh H100, 17 buckets at 512²);
+    # dynamic: latent height/width symbolic, one compile serves every bucket (tasks/train/compile_cache.py).
+    # Execution-only (not in the stage fingerprint): the same math, only kernel scheduling differs.
+    compile_shapes: Literal["static", "dynamic"] = execution_field("static")
+    # Keep compiled graphs under runtime.cache_dir/torch-compile/<key of model, options, torch, GPU> so a
+    # rerun or resume on the same kind of machine loads them instead of compiling. Execution-only.
+    compile_cache: bool = execution_field(True)
     channels_last: bool = False
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
@@ -116,6 +123,12 @@ class TrainConfig(Section):
     export_dtype: Literal["bf16", "fp16", "fp32"] = "fp16"
     export_diffusers: bool = True
     recommended_shift: float = 3.0  # written into the checkpoint metadata
+    # Export names, like kohya's --output_name: <run_name>.safetensors (final), <run_name>-e0003.safetensors
+    # (epoch 3), latest.safetensors (a link to the newest). None = "booruflow-<config name>", e.g.
+    # booruflow-nai-v2-fm / booruflow-demo (tasks/train/export.py resolve_run_name).
+    run_name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    export_every_epochs: int = Field(0, ge=0)  # also export a single file every N epochs (to try in ComfyUI); 0 = off
+    keep_exports: int = Field(0, ge=0)  # the newest N epoch exports are kept (the final one always); 0 = all
 
     sampling: SamplingConfig = SamplingConfig()
     validation: ValidationConfig = ValidationConfig()

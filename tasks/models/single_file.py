@@ -315,10 +315,50 @@ def export_single_file(unet: Any, vae: Any, text_encoder: Any, path: Path, *,
         canonicalise_header(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, readable_mode(False))  # safetensors >= 0.5 creates files 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc); elsewhere the classic set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_mode(folder: bool) -> int:
+    """What open()/mkdir() would give under the umask (0644 / 0755 with the usual 022)."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def make_tree_readable(root: Path) -> None:
+    """Give `root` and everything under it the umask's ordinary modes. Writers that go through a temp
+    file or folder (safetensors' save_file: 0600, tempfile.mkdtemp: 0700) leave exports that a ComfyUI
+    service running as another user cannot read. Symlinks are left alone (chmod would follow them)."""
+    root = Path(root)
+    if not root.exists() or root.is_symlink():
+        return
+    if root.is_file():
+        os.chmod(root, readable_mode(False))
+        return
+    file_mode, dir_mode = readable_mode(False), readable_mode(True)
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
 
 
 def canonicalise_header(path: Path) -> None:

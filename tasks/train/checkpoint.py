@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from data_contracts.errors import StageError
 from data_contracts.store import atomic_write_text
+from tasks.models.single_file import make_tree_readable
 
 LATEST = "LATEST"
 PREFIX = "step-"
@@ -102,6 +103,7 @@ def save_checkpoint(work: Path, accelerator, state: TrainerState, *, unet, optim
         (tmp / "trainer.json").write_text(json.dumps(asdict(state), indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        make_tree_readable(tmp)  # safetensors writes 0600: `fm sample` of a step folder by another user
         if final.exists():  # a rerun reached the same step: replace it
             shutil.rmtree(final)
         tmp.rename(final)

@@ -229,6 +229,7 @@ class _Run:
         self.spec, self.cfg, self.work, self.acc, self.emit = spec, cfg, work, acc, emit
         self.main = acc.is_main_process
         self.device = acc.device
+        self._data = None  # the dataset summary of the exports' headers, read at the first export
 
     # ------------------------------------------------------------------------------ setup
     def _load_models(self):
@@ -292,6 +293,7 @@ class _Run:
         reader = make_reader(manifest, store, cfg, rank=acc.process_index, world=acc.num_processes)
         spe = reader.steps_per_epoch()
         total = plan_steps(cfg, spe)
+        self.store, self.spe, self.total = store, spe, total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(total, cfg.warmup))
         if cfg.train_text_encoder:
             unet, te, optimizer = acc.prepare(unet, te, optimizer)
@@ -320,6 +322,10 @@ class _Run:
             state.total_steps = total
             log.info("resuming from %s (step %d of %d)", ckpt.name, state.step, total)
             self.emit({"event": "resume", "step": state.step, "checkpoint": ckpt.name})
+        # The start of the run's first attempt (kept in every checkpoint): ss_training_started_at.
+        state.extra.setdefault("training_started_at", time.time())
+        if self.main:
+            self._prepare_exports(state)
         history = History(self.work / HISTORY_JSONL, state.step) if self.main else None
         tb = self._tensorboard(state.step) if self.main else None
         if self.main and cfg.logging.wandb:
@@ -341,6 +347,8 @@ class _Run:
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         self.emit({"event": "start", "total_steps": total, "steps_per_epoch": spe, "world_size": acc.num_processes,
                    "device": str(self.device)})
+        from tasks.train.export import epoch_export_due
+
         val: dict[str, float] = {}
         last_reader_state = reader_state
         talk = StepTalk(total, state.step, spe, cfg.grad_accum, float(os.environ.get(TALK_ENV) or TALK_EVERY_S),
@@ -399,6 +407,9 @@ class _Run:
                     path = self._samples(state.step)
                     if path:
                         self.emit({"event": "samples", "step": state.step, "path": path})
+                epoch_done = epoch_export_due(state.micro_batches, cfg.grad_accum, spe, cfg.export_every_epochs)
+                if self.main and epoch_done is not None and not final:  # the last epoch is the final export
+                    self._export_epoch(state, epoch_done)
                 if state.step % cfg.checkpoint_every == 0 or final:
                     save_checkpoint(self.work, acc, state, unet=unet, optimizer=optimizer, scheduler=scheduler,
                                     reader_state=last_reader_state,
@@ -529,14 +540,72 @@ class _Run:
         fresh.load_state_dict(sd, strict=True)
         return fresh.eval()
 
+    # ------------------------------------------------------------------------------ exports
+    @property
+    def run_name(self) -> str:
+        from tasks.train.export import resolve_run_name
+
+        return resolve_run_name(self.cfg, None)  # the stage resolved the default into the config already
+
+    def _prepare_exports(self, state: TrainerState) -> None:
+        """Before training (main process): drop what a killed attempt left half-written or made after the
+        checkpoint this run resumes from; the resumed run writes those again, once."""
+        from tasks.train import export as ex
+
+        ex.clean_export_temps(self.work)
+        (self.work / ex.final_export_name(self.run_name)).unlink(missing_ok=True)  # _finish writes it anew
+        done = state.micro_batches // max(1, self.spe)
+        for path in ex.drop_epoch_exports_after(self.work, self.run_name, done):
+            log.info("dropped %s: the killed attempt wrote it after checkpoint step %d; it is made again",
+                     path.name, state.step)
+        ex.refresh_latest(self.work, self.run_name)
+
+    def _dataset(self):
+        """What the exports' ss_* keys say about the data (read once, at the first export)."""
+        from tasks.train.export import dataset_summary
+
+        if self._data is None:
+            self._data = dataset_summary(self.manifest, self.store, self.cfg.validation.fraction)
+        return self._data
+
+    def _metadata(self, state: TrainerState, epoch: int) -> dict[str, str]:
+        """The same header for every export of the run: booruflow.*, kohya ss_*, modelspec.*."""
+        from tasks.train.export import RunFacts, checkpoint_metadata, kohya_metadata
+
+        cfg = self.cfg
+        facts = RunFacts(run_name=self.run_name, started_at=float(state.extra["training_started_at"]), epoch=epoch,
+                         num_epochs=max(1, math.ceil(self.total * cfg.grad_accum / max(1, self.spe))),
+                         steps=state.step, max_steps=self.total, world_size=self.acc.num_processes,
+                         base_model=cfg.model, base_identity=self.source.identity)
+        meta = kohya_metadata(cfg, facts, self._dataset())
+        meta.update(checkpoint_metadata(cfg.objective, cfg.recommended_shift, base_identity=self.source.identity,
+                                        train_shift=cfg.shift, steps=state.step,
+                                        extra={"booruflow.ema": str(bool(self.ema is not None and cfg.ema.export))}))
+        return meta
+
+    def _export_epoch(self, state: TrainerState, epoch: int) -> None:
+        """`<run>-e0003.safetensors` at an epoch end (main process; the live models are only read)."""
+        from tasks.models.single_file import export_single_file
+        from tasks.train import export as ex
+
+        t0 = time.perf_counter()
+        name = ex.epoch_export_name(self.run_name, epoch)
+        export_single_file(self._export_unet(), self.comps.vae, self.te_module, self.work / name,
+                           dtype=ex.DTYPES[self.cfg.export_dtype], metadata=self._metadata(state, epoch))
+        ex.prune_epoch_exports(self.work, self.run_name, self.cfg.keep_exports)
+        ex.refresh_latest(self.work, self.run_name)
+        self.emit({"event": "export", "epoch": epoch, "step": state.step, "path": name,
+                   "seconds": time.perf_counter() - t0})
+
     def _finish(self, state: TrainerState, val: dict[str, float], history, wall: float
                 ) -> dict[str, Any]:
-        from tasks.train.export import DTYPES, checkpoint_metadata, export_model
+        from tasks.train.export import DTYPES, LATEST, export_index, export_model, final_export_name, refresh_latest
 
         cfg = self.cfg
         result: dict[str, Any] = {}
         if self.main:
             dtype = DTYPES[cfg.export_dtype]
+            meta = self._metadata(state, state.epoch + 1)  # before the models move to the CPU
             unet = self._export_unet().to(dtype)
             te = self.te_module
             if cfg.train_text_encoder:
@@ -544,13 +613,11 @@ class _Run:
                 te.load_state_dict({k: v.detach().cpu() for k, v in self.te_module.state_dict().items()})
             te = te.to("cpu", dtype)
             vae = self.comps.vae.to("cpu", dtype)
-            meta = checkpoint_metadata(cfg.objective, cfg.recommended_shift, base_identity=self.source.identity,
-                                       train_shift=cfg.shift, steps=state.step,
-                                       extra={"booruflow.ema": str(bool(self.ema is not None and cfg.ema.export))})
             written = export_model(self.work, unet=unet, vae=vae, text_encoder=te, tokenizer=self.comps.tokenizer,
                                    objective=cfg.objective, dtype=cfg.export_dtype,
                                    recommended_shift=cfg.recommended_shift, metadata=meta,
-                                   diffusers=cfg.export_diffusers)
+                                   diffusers=cfg.export_diffusers, filename=final_export_name(self.run_name))
+            latest = refresh_latest(self.work, self.run_name)
             rows = [r for r in history.rows if "loss" in r] if history else []
             if not val and history:
                 val = next((r for r in reversed(history.rows) if "val_loss" in r), {})
@@ -567,6 +634,8 @@ class _Run:
                 # every grid in the folder: a resumed run keeps the grids rendered before the kill
                 "samples": sorted(p.relative_to(self.work).as_posix() for p in (self.work / "samples").glob("*.png")),
                 "recommended_shift": cfg.recommended_shift if cfg.objective == "flow" else None,
+                "run_name": self.run_name, "exports": export_index(self.work, self.run_name),
+                "latest": LATEST if latest else None,
                 **written,
             }
             atomic_write_text(self.work / RESULT_NAME, json.dumps(result, indent=1))

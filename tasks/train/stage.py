@@ -1,8 +1,10 @@
 """The train stage: cache chunks -> fine-tuned SD1.5 (single file + diffusers folder), samples, history.
 
 Resumable: the work folder keeps the training checkpoints across kills, so a rerun continues at the exact
-next batch. The committed output holds the export, the sample grids, history.parquet, the TensorBoard
-logs and (only with train.keep_checkpoint_in_output) the last training checkpoint.
+next batch. The committed output holds the exports (`<run>.safetensors`, with train.export_every_epochs
+also `<run>-e0003.safetensors` per epoch, and the link `latest.safetensors`), the diffusers folder, the
+sample grids, history.parquet, the TensorBoard logs and (only with train.keep_checkpoint_in_output) the
+last training checkpoint. Everything in it is readable by other users (a ComfyUI service).
 """
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ from typing import Any
 
 from data_contracts.tables import rows_to_table, write_table
 from data_contracts.train import HISTORY_SCHEMA
+from pipeline_config.schema import PipelineConfig
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.models.single_file import make_tree_readable
 from tasks.train.checkpoint import checkpoint_root
+from tasks.train.export import LATEST, clean_export_temps, resolve_run_name
 from tasks.train.launch import duration, event_line, launch, tensorboard_hint
 from tasks.train.loop import HISTORY_JSONL, RESULT_NAME, RunSpec
 from tasks.train.visuals import make_train_curves, report_table_rows
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: exports named <run>.safetensors / <run>-e0003.safetensors, ss_* metadata, 0644
 RUN_FILE = "run.json"
 
 
@@ -48,7 +53,9 @@ def _summary(result: dict[str, Any], cfg) -> str:
         "- no held-out samples (train.validation.fraction = 0 or too little data)",
         f"- throughput {speed:.1f} samples/s, data wait {100 * (wait or 0):.1f} %" if speed else "",
         f"- checkpoint `{result['checkpoint']}`" + (f", diffusers folder `{result['diffusers_dir']}`"
-                                                    if result.get("diffusers_dir") else ""),
+                                                    if result.get("diffusers_dir") else "")
+        + (f", `{result['latest']}` links to it" if result.get("latest") else ""),
+        _exports_line(result.get("exports") or []),
     ]
     if result["objective"] == "flow":
         lines.append(f"- sample it with flow sampling, shift {result['recommended_shift']:g}: ComfyUI ModelSamplingSD3, "
@@ -56,10 +63,29 @@ def _summary(result: dict[str, Any], cfg) -> str:
     return "\n".join(l for l in lines if l)
 
 
+def _exports_line(exports: list[dict[str, Any]]) -> str:
+    if not exports:
+        return ""
+    names = ", ".join(f"`{e['path']}`" for e in exports)
+    return f"- epoch exports (try them in ComfyUI): {names}"
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    """The export name this config gives (train.run_name, else booruflow-<config name>)."""
+    return resolve_run_name(cfg.train, cfg.name)
+
+
+def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
+    # The default name comes from the config's name, outside the train section: an output holds its files
+    # under that name, so another name is another output.
+    return {"run_name": run_name(cfg)}
+
+
 def build(ctx: StageContext) -> StageResult:
     cfg = ctx.section
     cache = ctx.upstream["cache"]
-    spec = RunSpec(train=cfg.model_dump(mode="json"), work=str(ctx.work), data_root=ctx.store.root_url,
+    train = {**cfg.model_dump(mode="json"), "run_name": run_name(ctx.cfg)}
+    spec = RunSpec(train=train, work=str(ctx.work), data_root=ctx.store.root_url,
                    local_cache=str(ctx.store.local_cache), cache_fingerprint=cache.fingerprint,
                    model_cache_dir=str(ctx.cfg.runtime.cache_dir), device=ctx.cfg.runtime.device)
 
@@ -72,6 +98,9 @@ def build(ctx: StageContext) -> StageResult:
         elif kind == "step":
             ctx.progress(int(event["step"]) / max(1, int(event["total_steps"])) * 0.95,
                          f"step {event['step']}/{event['total_steps']}, ETA {duration(event.get('eta_s'))}")
+        elif kind == "export":
+            ctx.log.info("train: epoch %s exported after step %s: %s (%.1fs)", event["epoch"], event["step"],
+                         ctx.work / event["path"], float(event.get("seconds") or 0.0))
         line = event_line(event)  # readable lines in the log, never raw JSON
         if line:
             ctx.log.info("%s", line)
@@ -97,6 +126,11 @@ def build(ctx: StageContext) -> StageResult:
     curves, note = draw_pictures(ctx, {"training curves": lambda: make_train_curves(history, ctx.work)})
     if not cfg.keep_checkpoint_in_output:
         shutil.rmtree(checkpoint_root(ctx.work), ignore_errors=True)
+    clean_export_temps(ctx.work)  # a kill's leftovers would be unlisted files in the output
+    if not ctx.store.is_local:  # object storage has no links: the upload would be a second full copy
+        (ctx.work / LATEST).unlink(missing_ok=True)
+        result["latest"] = None
+    make_tree_readable(ctx.work)  # 0644 / 0755 under umask 022: the output folder is this folder renamed
     report = StageReport(
         summary_md=_summary(result, cfg) + note,
         tables={"history": report_table_rows([r for r in rows if r.get("loss") is not None][-50:]),
@@ -107,6 +141,8 @@ def build(ctx: StageContext) -> StageResult:
     stats = {k: result.get(k) for k in ("samples_seen", "skipped_steps", "world_size", "wall_s",
                                          "mean_samples_per_s", "mean_data_wait_frac", "final_loss")}
     stats["validation"] = result.get("validation") or {}
+    stats["run_name"] = result.get("run_name")
+    stats["exports"] = result.get("exports") or []  # [{epoch, step, path}] of the epoch exports kept
     return StageResult(
         row_counts={"history": len(rows)},
         stats=stats,
@@ -121,4 +157,4 @@ def build(ctx: StageContext) -> StageResult:
 
 
 SPEC = StageSpec(name="train", upstream=("cache",), code_version=CODE_VERSION, build=build, resumable=True,
-                 gpu=True)
+                 gpu=True, fingerprint_extra=fingerprint_extra)

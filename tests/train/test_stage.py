@@ -45,9 +45,9 @@ def test_stage_trains_exports_and_reloads_through_diffusers(make_cache, model_ca
     assert not out.cached and m.objective == "flow" and m.steps == 8 and m.epochs == 2
     assert m.upstream == {"cache": cache.fingerprint} and m.recommended_shift == 3.0
     assert m.base_model_identity == resolve_model_source("builtin:tiny-sd15", model_cache).identity
-    assert m.samples == ["samples/step-00000008.png"] and m.checkpoint == "model.safetensors"
+    assert m.samples == ["samples/step-00000008.png"] and m.checkpoint == "booruflow-default.safetensors"
     files = {f.path for f in m.files}
-    assert {"model.safetensors", "history.parquet", "samples/step-00000008.png", "diffusers/model_index.json",
+    assert {m.checkpoint, "history.parquet", "samples/step-00000008.png", "diffusers/model_index.json",
             "checkpoints/LATEST"} <= files
     assert any(p.startswith("tb/") for p in files)
     assert progress and progress == sorted(progress)
@@ -66,7 +66,7 @@ def test_stage_trains_exports_and_reloads_through_diffusers(make_cache, model_ca
     assert "flow objective" in out.report.summary_md
 
     # the single file names its objective and shift, and loads through diffusers with the same outputs
-    ckpt = store.path(m, "model.safetensors")
+    ckpt = store.path(m, m.checkpoint)
     meta = read_metadata(ckpt)
     assert meta["booruflow.objective"] == "flow" and meta["booruflow.recommended_shift"] == "3"
     assert meta["modelspec.prediction_type"] == "rectified-flow"
