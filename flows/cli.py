@@ -98,7 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"{r['stage']:>8}: {r['output']}/manifest.json", soft_wrap=True)
     train = next((r for r in results if r["stage"] == "train"), None)
     if train:
-        console.print(f"checkpoint: {train['output']}/model.safetensors (diffusers: {train['output']}/diffusers)",
+        from data_contracts.store import ArtifactStore
+        from data_contracts.train import TrainManifest
+
+        cfg = load_config(args.config, args.override)
+        checkpoint = ArtifactStore.for_config(cfg).read_manifest(TrainManifest, train["fingerprint"]).checkpoint
+        console.print(f"checkpoint: {train['output']}/{checkpoint} (diffusers: {train['output']}/diffusers)",
                       soft_wrap=True)
         console.print(f"samples:    {train['output']}/samples/", soft_wrap=True)
     return 0

@@ -57,6 +57,7 @@ class LoadedModel:
 def model_display_name(path: Path) -> str:
     """The checkpoint's file stem (or folder name); a generic one ("model", "diffusers") gets the folder
     that tells it apart: ``<data_root>/train/7d7cb8abbf906fd3/model.safetensors`` -> "train-7d7cb8ab-model"."""
+    path = path.resolve() if path.is_symlink() else path  # latest.safetensors -> the file it names
     stem = path.stem if path.is_file() else path.name
     if stem.lower() not in GENERIC_STEMS:
         return stem

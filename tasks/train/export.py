@@ -20,7 +20,6 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -260,13 +259,14 @@ class RunFacts:
 
 
 def kohya_metadata(cfg: Any, facts: RunFacts, data: DatasetSummary) -> dict[str, str]:
-    """kohya sd-scripts' ss_* keys (train_network.py / fine_tune.py) and SAI modelspec, as strings."""
+    """kohya sd-scripts' ss_* keys (train_network.py / fine_tune.py) and SAI modelspec, as strings.
+
+    Wall-clock keys (ss_training_started_at / finished_at, ss_session_id, modelspec.date) are left out on purpose:
+    the same training gives the same file, byte for byte, so a rerun's export keeps its sha256 and downstream
+    stages stay cached (data_contracts.fingerprint.content_id)."""
     res = base_resolution(data.buckets)
     meta: dict[str, Any] = {
         "ss_output_name": facts.run_name,
-        "ss_training_started_at": facts.started_at,
-        "ss_training_finished_at": facts.finished_at,
-        "ss_session_id": int(facts.started_at * 1000) % 2**32,  # one id for every export of a run
         "ss_num_train_images": data.images,
         "ss_num_reg_images": 0,
         "ss_num_epochs": facts.num_epochs,
@@ -306,7 +306,6 @@ def kohya_metadata(cfg: Any, facts: RunFacts, data: DatasetSummary) -> dict[str,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": facts.run_name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.date": datetime.fromtimestamp(int(facts.finished_at), timezone.utc).isoformat(),
         "modelspec.encoder_layer": cfg.clip_skip,
     }
     return {k: str(v) for k, v in meta.items()}

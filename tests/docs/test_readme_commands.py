@@ -91,7 +91,8 @@ def _ok(proc: subprocess.CompletedProcess, box: Path | None = None) -> None:
 
 def _run_all(proc, box):
     _ok(proc)
-    assert "checkpoint:" in proc.stdout and "model.safetensors" in proc.stdout
+    checkpoint = re.search(r"checkpoint: (\S+\.safetensors)", proc.stdout)
+    assert checkpoint and (box / checkpoint.group(1)).is_file(), proc.stdout[-2000:]
 
 
 def _rerun_bucket(proc, box):
