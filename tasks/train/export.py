@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from data_contracts.errors import ConfigError
+from tasks.diffusion.objectives import objective_named
 from tasks.models.load import SD15Components, save_diffusers_folder
 from tasks.models.single_file import export_single_file, make_tree_readable, read_metadata
 
@@ -218,20 +219,15 @@ def top_tags(tags: Counter, n: int = TOP_TAGS) -> dict[str, int]:
 
 def checkpoint_metadata(objective: str, recommended_shift: float, *, base_identity: str, train_shift: float,
                         steps: int, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """booruflow.* and modelspec.* keys; what they say about the objective comes from the objective itself."""
     meta = {
         "booruflow.objective": objective,
-        "booruflow.prediction": "flow: v = noise - x0, timestep = sigma*1000" if objective == "flow"
-        else "epsilon (SD1.5 scaled-linear DDPM)",
         "booruflow.train_shift": f"{train_shift:g}",
         "booruflow.base_model": base_identity,
         "booruflow.steps": str(steps),
         "modelspec.architecture": "stable-diffusion-v1",
-        "modelspec.prediction_type": "rectified-flow" if objective == "flow" else "epsilon",
+        **objective_named(objective)().metadata(recommended_shift),
     }
-    if objective == "flow":
-        meta["booruflow.recommended_shift"] = f"{recommended_shift:g}"
-        meta["booruflow.usage"] = (f"ComfyUI: ModelSamplingSD3 shift {recommended_shift:g}; reForge: Advanced Model "
-                                   f"Sampling SD3; diffusers: FlowMatchEulerDiscreteScheduler(shift={recommended_shift:g})")
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
 
@@ -313,14 +309,6 @@ def kohya_metadata(cfg: Any, facts: RunFacts, data: DatasetSummary) -> dict[str,
 
 # ----------------------------------------------------------------------------------------- writing
 
-def flow_scheduler_config(shift: float) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    config = dict(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).config)
-    config["_class_name"] = "FlowMatchEulerDiscreteScheduler"
-    return config
-
-
 def export_model(out_dir: Path, *, unet, vae, text_encoder, tokenizer, objective: str, dtype: str,
                  recommended_shift: float, metadata: dict[str, str], diffusers: bool = True,
                  filename: str = "model.safetensors") -> dict[str, str]:
@@ -331,7 +319,7 @@ def export_model(out_dir: Path, *, unet, vae, text_encoder, tokenizer, objective
     export_single_file(unet, vae, text_encoder, out_dir / filename, dtype=DTYPES[dtype], metadata=metadata)
     written = {"checkpoint": filename}
     if diffusers:
-        sched = flow_scheduler_config(recommended_shift) if objective == "flow" else None
+        sched = objective_named(objective)().scheduler_config(recommended_shift)
         save_diffusers_folder(SD15Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer),
                               out_dir / "diffusers", scheduler_config=sched)
         make_tree_readable(out_dir / "diffusers")  # mkdtemp made it 0700, safetensors 0600

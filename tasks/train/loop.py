@@ -494,7 +494,7 @@ class _Run:
             from tasks.models.text_encode import pad_chunks, pack_batch
             from tasks.models.tokenizer import tokenize_text
             from tasks.models.vae import decode_latents
-            from tasks.train.sampling import sample_ddpm, sample_flow, save_grid, seeded_noise, to_uint8
+            from tasks.train.sampling import save_grid, seeded_noise, to_uint8
 
             s = self.cfg.sampling
             tok = self.comps.tokenizer
@@ -508,11 +508,8 @@ class _Run:
                     with self.acc.autocast():
                         cond, uncond = self._encode(c_ids), self._encode(u_ids)
                         noise = seeded_noise(s.seeds, (4, s.height // 8, s.width // 8)).to(self.device)
-                        if self.cfg.objective == "flow":
-                            lat = sample_flow(self._denoise, noise, cond, uncond, steps=s.steps, shift=s.shift,
-                                              cfg_scale=s.cfg_scale)
-                        else:
-                            lat = sample_ddpm(self._denoise, noise, cond, uncond, steps=s.steps, cfg_scale=s.cfg_scale)
+                        lat = self.objective.sample(self._denoise, noise, cond, uncond, steps=s.steps,
+                                                    shift=s.shift, cfg_scale=s.cfg_scale)
                     # The VAE decodes in its own dtype (fp32), outside autocast: SD VAEs are prone to overflow
                     # in half precision, and it is a few images.
                     pixels = decode_latents(self.comps.vae, lat)
@@ -633,7 +630,7 @@ class _Run:
                 "final_loss": rows[-1]["loss"] if rows else None, "validation": val,
                 # every grid in the folder: a resumed run keeps the grids rendered before the kill
                 "samples": sorted(p.relative_to(self.work).as_posix() for p in (self.work / "samples").glob("*.png")),
-                "recommended_shift": cfg.recommended_shift if cfg.objective == "flow" else None,
+                "recommended_shift": cfg.recommended_shift if self.objective.prediction == "flow" else None,
                 "run_name": self.run_name, "exports": export_index(self.work, self.run_name),
                 "latest": LATEST if latest else None,
                 **written,

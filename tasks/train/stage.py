@@ -18,6 +18,7 @@ from data_contracts.train import HISTORY_SCHEMA
 from pipeline_config.schema import PipelineConfig
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.diffusion.objectives import objective_named
 from tasks.models.single_file import make_tree_readable
 from tasks.train.checkpoint import checkpoint_root
 from tasks.train.export import LATEST, clean_export_temps, resolve_run_name
@@ -57,9 +58,7 @@ def _summary(result: dict[str, Any], cfg) -> str:
         + (f", `{result['latest']}` links to it" if result.get("latest") else ""),
         _exports_line(result.get("exports") or []),
     ]
-    if result["objective"] == "flow":
-        lines.append(f"- sample it with flow sampling, shift {result['recommended_shift']:g}: ComfyUI ModelSamplingSD3, "
-                     "reForge Advanced Model Sampling (SD3), diffusers FlowMatchEulerDiscreteScheduler")
+    lines.append("- " + objective_named(result["objective"])().usage(result.get("recommended_shift") or 3.0))
     return "\n".join(l for l in lines if l)
 
 
