@@ -538,10 +538,16 @@ def fm(
     ab: after the data stages, train with the flow and the DDPM objective (same data, same step budget)
     and evaluate both the same way, instead of one train + eval.
     """
-    cfg = load_config(config, overrides)
-    todo = select_stages(stages)
-    load_prefect_secrets(cfg)
-    results = [_run_one(stage, cfg, force) for stage in todo if not (ab and stage in ("train", "eval"))]
-    if ab:
-        results += run_ab_experiment(cfg, force)
-    return results
+    try:
+        cfg = load_config(config, overrides)
+        todo = select_stages(stages)
+        load_prefect_secrets(cfg)
+        results = [_run_one(stage, cfg, force) for stage in todo if not (ab and stage in ("train", "eval"))]
+        if ab:
+            results += run_ab_experiment(cfg, force)
+        return results
+    except BooruflowError as exc:
+        # The reason as the run's last log line: `prefect deployment run --watch` shows logs, then only the
+        # state's name ("Failed").
+        get_run_logger().error("fm failed: %s", exc)
+        raise
