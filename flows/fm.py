@@ -547,7 +547,6 @@ def fm(
             results += run_ab_experiment(cfg, force)
         return results
     except BooruflowError as exc:
-        # The reason as the run's last log line: `prefect deployment run --watch` shows logs, then only the
-        # state's name ("Failed").
+        # The reason as the run's last log line, in the UI's log of the run (the state shows only "Failed").
         get_run_logger().error("fm failed: %s", exc)
         raise

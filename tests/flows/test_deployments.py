@@ -166,12 +166,3 @@ async def _state_name(flow_run_id):
     async with get_client() as client:
         return (await client.read_flow_run(flow_run_id)).state.name
 
-
-def test_a_failed_run_says_why_under_watch(fm_serve, demo_params):
-    """`prefect deployment run ... --watch` on a run that fails: the reason is in what the user sees."""
-    params = {**demo_params, "overrides": demo_params["overrides"] + ["bucket.resolutoin=320"]}
-    proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "fm/bucket", "--watch", "--params",
-                           json.dumps(params)], env=fm_serve, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "Failed" in out
-    assert "fm failed" in out and "bucket.resolutoin" in out and "resolution" in out, out[-3000:]
