@@ -8,6 +8,9 @@ Real SD1.5 UNet shape with random weights (bench/sd15_shapes.py), 512² (64x64 l
     python bench/bench_train.py --reader              # + data-wait share with the real streaming reader
     python bench/bench_train.py --ddp                 # + 2-GPU DDP scaling (needs 2 GPUs)
     python bench/bench_train.py --tiny --steps 3      # CPU smoke test of every path (tiny UNet)
+    python bench/bench_train.py --variants "" --buckets --bucket-variants ref,ours_cg_reg,ours_cg:cold:2
+        # the 17-bucket stream (bucket_mix): warm-up with an empty / a used compile cache, steady samples/s,
+        # peak memory, MFU, each path in a process of its own; NAME:PHASES:SHAPES limits a path's shapes
 
 Reference ("ref"): the loop of diffusers' train_text_to_image.py — eager UNet, torch.autocast(bf16), SDPA,
 F.mse_loss, fused torch AdamW stepping every micro-batch.
@@ -69,6 +72,7 @@ class Variant:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_tuning: bool = False  # inductor coordinate-descent tuning of its Triton kernels
     te_bf16: bool = False  # frozen text encoder stored in bf16 (no per-step weight casts)
+    compile_strategy: str = "static"  # static: graph per bucket shape | dynamic: one graph | regional: per block
 
 
 VARIANTS = {
@@ -86,6 +90,12 @@ VARIANTS = {
     "ours_tune": Variant("ours_tune", attention="cudnn", compile_tuning=True),
     "ours_te16": Variant("ours_te16", attention="cudnn", te_bf16=True),
     "ours_cg": Variant("ours_cg", attention="cudnn", compile_mode="reduce-overhead"),
+    "ours_cg_dyn": Variant("ours_cg_dyn", attention="cudnn", compile_mode="reduce-overhead",
+                           compile_strategy="dynamic"),
+    "ours_dyn": Variant("ours_dyn", attention="cudnn", compile_strategy="dynamic"),
+    "ours_cg_reg": Variant("ours_cg_reg", attention="cudnn", compile_mode="reduce-overhead",
+                           compile_strategy="regional"),
+    "ours_reg": Variant("ours_reg", attention="cudnn", compile_strategy="regional"),
     "ours_tune_te16": Variant("ours_tune_te16", attention="cudnn", compile_tuning=True, te_bf16=True),
 }
 DEFAULT_VARIANTS = "ref,ours,ours_fused,ours_cl_fused"
@@ -104,8 +114,10 @@ def build_models(tiny: bool, device: torch.device):
     return build_random_sd15_unet(torch.float32, device), build_random_sd15_text_encoder(torch.float32, device)
 
 
-def synthetic_batches(n: int, batch: int, latent: int, chunks: int, seed: int = 0):
-    """`n` distinct micro-batches (rotated, so no cache effect from one buffer) on the CPU, pinned if CUDA."""
+def synthetic_batches(n: int, batch: int, latent: int | tuple[int, int], chunks: int, seed: int = 0):
+    """`n` distinct micro-batches (rotated, so no cache effect from one buffer) on the CPU, pinned if CUDA.
+    `latent`: side of square latents, or (height, width)."""
+    lh, lw = (latent, latent) if isinstance(latent, int) else latent
     from tasks.models.text_encode import pack_batch
     from tasks.train.batches import StepBatch
     from tasks.train.objective import Objective
@@ -116,9 +128,9 @@ def synthetic_batches(n: int, batch: int, latent: int, chunks: int, seed: int = 
     for k in range(n):
         ids = [torch.randint(300, 40000, (75 * chunks - 5,), generator=g).tolist() for _ in range(batch)]
         sig = [obj.draw(g)[0] for _ in range(batch)]
-        b = StepBatch(ids=list(range(k * batch, (k + 1) * batch)), bucket=(latent * 8, latent * 8),
-                      x0=torch.randn(batch, 4, latent, latent, generator=g) * 0.8,
-                      noise=torch.randn(batch, 4, latent, latent, generator=g),
+        b = StepBatch(ids=list(range(k * batch, (k + 1) * batch)), bucket=(lw * 8, lh * 8),
+                      x0=torch.randn(batch, 4, lh, lw, generator=g) * 0.8,
+                      noise=torch.randn(batch, 4, lh, lw, generator=g),
                       levels=obj.levels(sig, [0] * batch), token_ids=pack_batch(ids, chunks),
                       weight=torch.ones(batch))
         out.append(b.pin() if torch.cuda.is_available() else b)
@@ -145,6 +157,13 @@ def free(device: torch.device) -> None:
 
 def run_ref(v: Variant, args, device: torch.device) -> dict:
     """diffusers train_text_to_image.py-style step."""
+    step = build_ref(v, args, device)
+    batches = synthetic_batches(4, v.batch, args.latent, args.chunks)
+    return _time(lambda i: step(batches[i % len(batches)]), v, args, device, window=1)
+
+
+def build_ref(v: Variant, args, device: torch.device):
+    """The reference step as a function of one micro-batch (optimiser step included: no accumulation)."""
     import torch.nn.functional as F
 
     from tasks.train.engine import encode_prompts
@@ -155,7 +174,6 @@ def run_ref(v: Variant, args, device: torch.device) -> dict:
     if v.compile:
         unet = torch.compile(unet)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
-    batches = synthetic_batches(4, v.batch, args.latent, args.chunks)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=not args.tiny)
 
     def step(b) -> None:
@@ -172,10 +190,29 @@ def run_ref(v: Variant, args, device: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time(lambda i: step(batches[i % len(batches)]), v, args, device, window=1)
+    return step
 
 
 def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
+    engine = build_ours(v, args, device, accelerator)
+    batches = synthetic_batches(4, v.batch, args.latent, args.chunks)
+
+    def micro(i: int) -> None:
+        engine.micro_step(batches[i % len(batches)])
+        if engine.window_full:
+            engine.optimizer_step()
+
+    out = _time(micro, v, args, device, window=v.accum, world=engine.acc.num_processes)
+    if args.profile and v.name in args.profile.split(","):
+        out["profile"] = profile_steps(lambda i: engine.micro_step(batches[i % len(batches)]), device)
+        engine.optimizer.zero_grad(set_to_none=True)
+        engine._micro = 0
+        engine._loss_sum.zero_()
+    return out
+
+
+def build_ours(v: Variant, args, device: torch.device, accelerator=None):
+    """Our Engine as the training loop builds it (prepare_unet, optimiser, accelerate)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -191,7 +228,9 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, gradient_checkpointing=v.gradient_checkpointing, channels_last=v.channels_last,
                  compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning,
-                 ddp_whole_graph=ddp_whole_graph(accelerator.num_processes, v.accum))
+                 ddp_whole_graph=ddp_whole_graph(accelerator.num_processes, v.accum),
+                 compile_strategy=v.compile_strategy, compile_cache_dir=getattr(args, "compile_cache_dir", None),
+                 compile_backend=getattr(args, "compile_backend", "inductor"))
     te.eval().requires_grad_(False)
     if v.te_bf16 and not args.tiny:
         te.to(torch.bfloat16)
@@ -201,20 +240,7 @@ def run_ours(v: Variant, args, device: torch.device, accelerator=None) -> dict:
     engine = Engine(accelerator, unet, opt, sched, Objective("flow", shift=2.0), grad_accum=v.accum,
                     max_grad_norm=1.0, text_encoder=te, clip_skip=2, channels_last=v.channels_last,
                     cudagraphs=v.compile and v.compile_mode == "reduce-overhead" and device.type == "cuda")
-    batches = synthetic_batches(4, v.batch, args.latent, args.chunks)
-
-    def micro(i: int) -> None:
-        engine.micro_step(batches[i % len(batches)])
-        if engine.window_full:
-            engine.optimizer_step()
-
-    out = _time(micro, v, args, device, window=v.accum, world=accelerator.num_processes)
-    if args.profile and v.name in args.profile.split(","):
-        out["profile"] = profile_steps(lambda i: engine.micro_step(batches[i % len(batches)]), device)
-        engine.optimizer.zero_grad(set_to_none=True)
-        engine._micro = 0
-        engine._loss_sum.zero_()
-    return out
+    return engine
 
 
 def profile_steps(fn, device: torch.device, n: int = 2) -> dict:
@@ -326,6 +352,254 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         return {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
         free(device)
+
+
+# ------------------------------------------------------------------------------ bucket stream (issue 16)
+
+# The aspect-ratio mix of the embedded mini-booru (tasks/ingest/minibooru/generate.py `_size`, the project's
+# Danbooru stand-in): 60 % portrait with w/h in {2/3, 3/4, 4/5, 9/16, 0.7}, 15 % square, 25 % landscape in
+# {3/2, 4/3, 16/9, 5/4}, each ratio equally likely within its group. Mapped onto the 512² kohya buckets by
+# tasks.bucket.core.nearest_bucket, that mass lands on 5 buckets; TAIL_SHARE of it goes, evenly, to the 12
+# others (long strips, 4-koma, banners: rare on Danbooru, but every bucket must appear in the stream).
+MINIBOORU_RATIO_MIX = ((0.60, (2 / 3, 3 / 4, 4 / 5, 9 / 16, 0.7)), (0.15, (1.0,)),
+                      (0.25, (3 / 2, 4 / 3, 16 / 9, 5 / 4)))
+TAIL_SHARE = 0.08
+# fwd+bwd FLOP of a bucket relative to 512x512, SD1.5 UNet, 77-token context: torch.utils.flop_counter on the
+# meta device (attention grows with the token count squared, so it is not simply the pixel ratio).
+FLOP_RATIO = {"256x832": 0.7897, "256x896": 0.8586, "256x960": 0.9287, "256x1024": 1.0, "320x704": 0.8413,
+              "320x768": 0.9287, "384x640": 0.9287, "448x576": 0.9821, "512x512": 1.0}
+
+
+def bucket_mix(resolution: int = 512) -> list[tuple[tuple[int, int], float]]:
+    """[((width, height) px, probability)] over every bucket of the kohya set at `resolution`², most likely
+    first (the stream the bucket benchmark draws micro-batches from)."""
+    import numpy as np
+
+    from pipeline_config.bucket import BucketConfig
+    from tasks.bucket.core import make_buckets, nearest_bucket
+
+    buckets = make_buckets(BucketConfig(resolution=resolution))
+    mass = np.zeros(len(buckets))
+    for share, ratios in MINIBOORU_RATIO_MIX:
+        idx = nearest_bucket(np.array(ratios) * 1000.0, np.full(len(ratios), 1000.0), buckets)
+        np.add.at(mass, idx, share / len(ratios))
+    rest = mass == 0
+    mass = mass * (1.0 - TAIL_SHARE) + np.where(rest, TAIL_SHARE / max(1, int(rest.sum())), 0.0)
+    order = sorted(range(len(buckets)), key=lambda i: (-mass[i], buckets[i].width))
+    return [((buckets[i].width, buckets[i].height), float(mass[i])) for i in order]
+
+
+def flop_per_sample(w: int, h: int) -> float:
+    ratio = FLOP_RATIO.get(f"{w}x{h}", FLOP_RATIO.get(f"{h}x{w}"))
+    return FLOP_PER_SAMPLE * (ratio if ratio is not None else w * h / 512**2)
+
+
+def bucket_plan(mix, *, rounds: int, timed: int, window: int, seed: int) -> tuple[list, list]:
+    """(prelude, timed) lists of (w, h): the prelude visits every shape `rounds` times, each round in a new
+    random order (so warm-up is measured the same way for every path), padded with draws from the mix to
+    whole accumulation windows; the timed part is `timed` draws (whole windows) from the mix."""
+    import random
+
+    rng = random.Random(seed)
+    shapes = [s for s, _ in mix]
+    weights = [p for _, p in mix]
+    prelude = []
+    for _ in range(rounds):
+        order = shapes[:]
+        rng.shuffle(order)
+        prelude += order
+    prelude += rng.choices(shapes, weights, k=-len(prelude) % window)
+    n = -(-timed // window) * window
+    return prelude, rng.choices(shapes, weights, k=n)
+
+
+def bucket_worker(args) -> dict:
+    """One path on the bucket stream, in a process of its own (so the compile caches start as the parent
+    arranged: a fresh folder = cold, a used one = warm). Prints one RESULT_PREFIX line."""
+    from torch._dynamo.utils import counters
+
+    v = VARIANTS[args.bucket_variant]
+    if args.batch:
+        v = replace(v, batch=args.batch)
+    if args.tiny:  # CPU: compile only with a backend that generates no code (--compile-backend aot_eager)
+        v = replace(v, compile=v.compile and args.compile_backend != "inductor", attention="auto", batch=2)
+    device = torch.device("cuda" if not args.tiny else "cpu")
+    mix = bucket_mix()[: args.bucket_shapes or None]
+    total = sum(p for _, p in mix)
+    mix = [(s, p / total) for s, p in mix]
+    window = v.accum if v.path == "ours" else 1
+    timed_n = args.steps * (1 if not args.tiny else window)
+    prelude, timed = bucket_plan(mix, rounds=args.bucket_rounds, timed=timed_n, window=window, seed=0)
+    scale = 1 if not args.tiny else 2  # tiny: half the latent side (still a multiple of its 4x down-scaling)
+    data = {s: synthetic_batches(2, v.batch, (s[1] // 8 // scale, s[0] // 8 // scale), args.chunks, seed=k)
+            for k, (s, _) in enumerate(mix)}
+    seen: dict = {}
+
+    def batch_of(s):
+        seen[s] = seen.get(s, 0) + 1
+        return data[s][seen[s] % 2]
+
+    t0 = time.perf_counter()
+    if v.path == "ref":
+        step = build_ref(v, args, device)
+        micro, window_end = step, (lambda: None)
+    else:
+        engine = build_ours(v, args, device)
+
+        def window_end() -> None:
+            if engine.window_full:
+                engine.optimizer_step()
+
+        micro = engine.micro_step
+    build_s = time.perf_counter() - t0
+    # prelude: one host sync a micro-step, so each step's wall time is its own (compiles, recordings included)
+    steps = []
+    symbolic = v.compile and v.compile_strategy != "static"
+    first_graphs = None
+    for s in prelude:
+        a = time.perf_counter()
+        micro(batch_of(s))
+        sync(device)
+        b = time.perf_counter()
+        steps.append((s, b - a, b - t0))
+        print(f"  {v.name} {s[0]}x{s[1]}: {b - a:.2f}s (at {b - t0:.1f}s)", flush=True)
+        graphs = counters["stats"].get("unique_graphs", 0)
+        first_graphs = graphs if first_graphs is None else first_graphs
+        if symbolic and graphs > first_graphs:  # a new shape compiled again: don't spend minutes per shape
+            raise RuntimeError(f"compile_strategy={v.compile_strategy} compiled {graphs - first_graphs} more "
+                               f"graph(s) at {s[0]}x{s[1]} (see the recompile reasons above)")
+        window_end()
+    sync(device)
+    prelude_s = time.perf_counter() - t0
+    # timed: the real stream, no host sync inside; per-step device time from CUDA events
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    events = []
+    a = time.perf_counter()
+    for s in timed:
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            micro(batch_of(s))
+            e1.record()
+            events.append((s, e0, e1))
+        else:
+            micro(batch_of(s))
+        window_end()
+    sync(device)
+    dt = time.perf_counter() - a
+    samples = len(timed) * v.batch
+    flop = sum(flop_per_sample(*s) for s in timed) * v.batch
+    # a shape is "at speed" at its first prelude step no slower than 1.5x the steady device time per latent
+    # pixel times its pixels (+5 ms for the host sync); warm-up ends when the last shape gets there
+    per_px = sorted(e0.elapsed_time(e1) / 1e3 / (s[0] * s[1]) for s, e0, e1 in events) if events else []
+    rate = per_px[len(per_px) // 2] if per_px else dt / max(1, sum(s[0] * s[1] for s in timed))
+    at_speed: dict = {}
+    first_step: dict = {}
+    for s, d, end in steps:
+        first_step.setdefault(s, d)
+        if s not in at_speed and d <= 1.5 * rate * s[0] * s[1] + 0.005:
+            at_speed[s] = end
+    missing = [f"{w}x{h}" for (w, h), _ in mix if (w, h) not in at_speed]
+    by_shape: dict = {}
+    for s, e0, e1 in events:
+        by_shape.setdefault(s, []).append(e0.elapsed_time(e1))
+    step_ms = {f"{w}x{h}": round(sorted(t)[len(t) // 2], 2) for (w, h), t in by_shape.items()}
+    res = {"variant": v.name, "path": v.path, "compile_strategy": v.compile_strategy, "compile_mode": v.compile_mode,
+           "cache": args.bucket_phase, "shapes": len(mix), "build_s": build_s,
+           "warmup_s": max(at_speed.values()) if not missing else None, "warmup_missing": missing,
+           "prelude_s": prelude_s, "prelude_steps": len(prelude), "samples_per_s": samples / dt,
+           "per_gpu_samples_per_s": samples / dt, "flop_per_s": flop / dt, "timed_steps": len(timed),
+           "batch": v.batch, "accum": window, "optimizer": v.optimizer,
+           "first_step_s": {f"{w}x{h}": round(d, 2) for (w, h), d in first_step.items()},
+           "step_ms_median": step_ms,  # device time of one micro-step (forward + backward) per shape
+           "at_speed_s": {f"{w}x{h}": round(t, 1) for (w, h), t in sorted(at_speed.items(), key=lambda kv: kv[1])},
+           "unique_graphs": counters["stats"].get("unique_graphs", 0),
+           "inductor": {k: v_ for k, v_ in counters["inductor"].items() if "cache" in k or "compile" in k},
+           "aot_autograd": {k: v_ for k, v_ in counters["aot_autograd"].items() if "cache" in k}}
+    if device.type == "cuda":
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        res.update(peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                   reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+                   device_used_gib=(total_b - free_b) / 2**30)
+    print(RESULT_PREFIX + json.dumps(res), flush=True)
+    return res
+
+
+def bucket_bench(args) -> list[dict]:
+    """Each path of `--bucket-variants` on the bucket stream, in a fresh process each; compiled paths run
+    twice, first with an empty compile cache (cold), then with the cache that run left (warm)."""
+    import shutil
+
+    root = Path(args.bucket_cache_root)
+    out = []
+    pypath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for spec in [n for n in args.bucket_variants.split(",") if n]:
+        # NAME[:PHASES[:SHAPES]], e.g. ours_cg:cold+warm:2 (default: cold+warm for compiled paths, all shapes)
+        name, phases, shapes = (spec.split(":") + ["", ""])[:3]
+        shapes = shapes or str(args.bucket_shapes)
+        v = VARIANTS[name]
+        if not phases:
+            phases = "cold+warm" if v.compile and not args.tiny else "cold"
+        for phase in phases.split("+"):
+            cache = root / name
+            if phase == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            # TORCHINDUCTOR_CACHE_DIR too, for what prepare_unet's keyed folder does not cover (the reference)
+            env = {**os.environ, "PYTHONPATH": pypath, "PYTHONUNBUFFERED": "1",
+                   "TORCHINDUCTOR_CACHE_DIR": str(cache / "env"), "TRITON_CACHE_DIR": str(cache / "env" / "triton")}
+            env.setdefault("TORCH_LOGS", "recompiles")  # why a graph was compiled again, if it was
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--bucket-worker", "--bucket-variant", name,
+                   "--bucket-phase", phase, "--compile-cache-dir", str(cache), "--steps", str(args.steps),
+                   "--bucket-rounds", str(args.bucket_rounds), "--bucket-shapes", shapes,
+                   "--chunks", str(args.chunks), "--compile-backend", args.compile_backend] + \
+                  (["--batch", str(args.batch)] if args.batch else []) + (["--tiny"] if args.tiny else [])
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT),
+                                      timeout=args.bucket_timeout)
+                stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:
+                stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                stderr, rc = "timeout", "timeout"
+            wall = time.perf_counter() - t0
+            if args.bucket_log_dir:
+                log_dir = Path(args.bucket_log_dir)
+                log_dir.mkdir(parents=True, exist_ok=True)
+                (log_dir / f"bucket-{name}-{phase}.log").write_text(stdout + "\n--- stderr ---\n" + (stderr or ""))
+            line = next((ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)), None)
+            if line is None:
+                print(stdout[-3000:], (stderr or "")[-5000:], flush=True)
+                res = {"variant": f"{name}[{phase}]", "error": f"exit {rc} after {wall:.0f}s"}
+            else:
+                res = json.loads(line[len(RESULT_PREFIX):])
+                partial = res["shapes"] != len(bucket_mix())
+                res["variant"] = f"{name}[{phase}]" + (f"/{res['shapes']}" if partial else "")
+                res["process_wall_s"] = wall
+            print(RESULT_PREFIX + json.dumps(res), flush=True)
+            out.append(res)
+            if args.json:  # kept if a later path runs out of time
+                Path(args.json).write_text(json.dumps({"bucket_mix": bucket_mix(), "results": out}, indent=1))
+    return out
+
+
+def print_bucket_table(results: list[dict], sheet: float) -> None:
+    refs = {r["shapes"]: r["samples_per_s"] for r in results if r.get("path") == "ref" and "error" not in r}
+    print(f"\n{'path[cache]':24s} {'shapes':>6s} {'warm-up s':>9s} {'samples/s':>9s} {'x ref':>6s} {'MFU':>6s} "
+          f"{'peak/resv GiB':>13s} {'graphs':>6s}  slowest first steps")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:24s} ERROR {r['error']}")
+            continue
+        warm = f"{r['warmup_s']:9.1f}" if r["warmup_s"] is not None else f"{'>' + format(r['prelude_s'], '.0f'):>9s}"
+        mfu = r["flop_per_s"] / sheet if sheet == sheet else float("nan")
+        ref = refs.get(r["shapes"])  # the reference on the same stream
+        ratio = f"{r['samples_per_s'] / ref:6.2f}" if ref else "   n/a"
+        slow = sorted(r["first_step_s"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"{r['variant']:24s} {r['shapes']:6d} {warm} {r['samples_per_s']:9.1f} {ratio} {100 * mfu:5.1f}% "
+              f"{r.get('peak_gib', float('nan')):6.2f}/{r.get('reserved_gib', float('nan')):<6.2f} "
+              f"{r['unique_graphs']:6d}  {', '.join(f'{k} {v:.0f}s' for k, v in slow)}")
 
 
 # ----------------------------------------------------------------------------------- reader (data wait)
@@ -576,9 +850,29 @@ def main() -> None:
     ap.add_argument("--sampling-check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--profile", default=None, help="comma list of our variants to profile (kernel time split)")
+    ap.add_argument("--buckets", action="store_true",
+                    help="also run the bucket stream (17 shapes at 512², bucket_mix): warm-up cold/warm, steady")
+    ap.add_argument("--bucket-variants", default="ref,ours_cg_dyn",
+                    help="paths on the bucket stream, each NAME[:PHASES[:SHAPES]]: PHASES cold, warm or cold+warm "
+                         "(compiled default), SHAPES the N most frequent (default --bucket-shapes)")
+    ap.add_argument("--bucket-shapes", type=int, default=0, help="only the N most frequent shapes (0 = all)")
+    ap.add_argument("--bucket-rounds", type=int, default=4, help="prelude passes over every shape")
+    ap.add_argument("--bucket-cache-root", default="/tmp/bench-train-compile")
+    ap.add_argument("--bucket-timeout", type=int, default=900, help="seconds per path process")
+    ap.add_argument("--bucket-log-dir", default=None, help="write each path process's output here")
+    ap.add_argument("--bucket-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bucket-variant", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bucket-phase", default="cold", help=argparse.SUPPRESS)
+    ap.add_argument("--compile-cache-dir", default=None, help="prepare_unet's compile cache root (runtime.cache_dir)")
+    ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU smoke
     args = ap.parse_args()
     if args.ddp_worker:
         ddp_worker(args)
+        return
+    if args.bucket_worker:
+        if args.tiny:
+            torch.set_num_threads(1)
+        bucket_worker(args)
         return
     if args.tiny:
         args.latent = 8
@@ -615,6 +909,7 @@ def main() -> None:
         for r in ddp_bench(args):
             results.append(r)
             print(RESULT_PREFIX + json.dumps(r), flush=True)
+    bucket_results = bucket_bench(args) if args.buckets else []
     ref = next((r["samples_per_s"] for r in results if r.get("variant") == "ref" and "error" not in r), None)
     print(f"\nmeasured bf16 matmul 8192^3: {peak_mm / 1e12:.0f} TFLOP/s; datasheet dense bf16: {sheet / 1e12:.0f}")
     print(f"{'variant':22s} {'samples/s':>10s} {'x ref':>6s} {'peak GiB':>9s} {'MFU':>6s} {'MFU(mm)':>8s}  notes")
@@ -636,8 +931,13 @@ def main() -> None:
         ratio = f"{s / ref:6.2f}" if ref else "   n/a"
         print(f"{r['variant']:22s} {s:10.1f} {ratio} {r.get('peak_gib', float('nan')):9.2f} {100 * mfu:5.1f}% "
               f"{100 * mfu_mm:7.1f}%  {'; '.join(notes)}")
+    if bucket_results:
+        print(f"\nbucket stream ({len(bucket_mix())} buckets at 512², mix: "
+              + ", ".join(f"{w}x{h} {100 * p:.1f}%" for (w, h), p in bucket_mix()[:6]) + ", ...)")
+        print_bucket_table(bucket_results, sheet)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "matmul_tflops": peak_mm / 1e12, "results": results},
+        Path(args.json).write_text(json.dumps({"device": name, "matmul_tflops": peak_mm / 1e12, "results": results,
+                                               "bucket_mix": bucket_mix(), "bucket_results": bucket_results},
                                               indent=1))
 
 

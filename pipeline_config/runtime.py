@@ -43,7 +43,7 @@ class RuntimeConfig(Section):
     # A limit counts across the whole Prefect server: with several GPU hosts on one server, give each
     # host (work pool) a name of its own.
     gpu_limit: str = "booruflow-gpu"
-    cache_dir: str = ".data/cache"  # local folder: built tiny models, tokenizer, remote-read cache
+    cache_dir: str = ".data/cache"  # local folder: built tiny models, tokenizer, remote-read cache, compiled graphs
     # fsspec options for an object-store data_root (s3://...), e.g. {endpoint_url: "http://minio:9000"}
     # or {client_kwargs: {region_name: eu-west-1}}. Credentials come from the environment
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role), never from here.

@@ -84,10 +84,13 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile, static shapes: one graph per bucket shape
     # default, or reduce-overhead: the compiled step replayed as CUDA graphs (no per-kernel launch cost)
     compile_mode: Literal["default", "reduce-overhead"] = "default"
-    # static: one full compile per bucket shape (~160 s each on a fresh H100, 17 buckets at 512²);
-    # dynamic: latent height/width symbolic, one compile serves every bucket (tasks/train/compile_cache.py).
-    # Execution-only (not in the stage fingerprint): the same math, only kernel scheduling differs.
-    compile_shapes: Literal["static", "dynamic"] = execution_field("static")
+    # static: the whole UNet compiled once per bucket shape (~160 s each on a fresh H100, 17 buckets at 512²);
+    # regional: each ResNet / transformer block compiled alone with symbolic height/width, so one set of
+    # small graphs serves every block and bucket (tasks/train/compile_cache.py; H100, empty cache: 159 s for
+    # the first bucket, 5-17 s for each further one; its steady-state speed is not measured yet, hence not
+    # the default). Execution-only (not in the stage fingerprint): the same math, other kernel scheduling.
+    # (A whole-UNet graph with symbolic height/width, prepare_unet's "dynamic", took > 7 min to compile.)
+    compile_strategy: Literal["static", "regional"] = execution_field("static")
     # Keep compiled graphs under runtime.cache_dir/torch-compile/<key of model, options, torch, GPU> so a
     # rerun or resume on the same kind of machine loads them instead of compiling. Execution-only.
     compile_cache: bool = execution_field(True)

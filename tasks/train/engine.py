@@ -3,7 +3,9 @@
 What makes it fast (measured in bench/bench_train.py on an H100):
 - fp32 master weights, bf16 autocast, SDPA (backend selectable: cuDNN attention suits Hopper),
 - torch.compile with static shapes (one graph per bucket shape; the recompile limit is raised so the
-  ~17 buckets × chunk counts all get their own graph instead of falling back to eager),
+  ~17 buckets × chunk counts all get their own graph instead of falling back to eager), or per UNet block
+  with symbolic height/width (`train.compile_strategy: regional`, one set of small graphs for every bucket);
+  compiled graphs are kept under runtime.cache_dir, keyed (tasks/train/compile_cache.py),
 - channels_last activations and cudnn.benchmark (static shapes per bucket),
 - the optimiser runs once per `grad_accum` micro-batches (DDP all-reduce too: `no_sync` in between),
   so 8-bit AdamW / fused AdamW cost is amortised,
@@ -13,10 +15,12 @@ What makes it fast (measured in bench/bench_train.py on an H100):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -24,7 +28,12 @@ import torch
 from data_contracts.errors import ConfigError
 from tasks.models.text_encode import final_layer_norm
 from tasks.train.batches import StepBatch
+from tasks.train.compile_cache import (DYNAMIC_HW_ATTR, compile_cache_key, compile_regions,
+                                       configure_dynamic_shapes, environment_identity, mark_latent_dynamic,
+                                       model_identity, use_compile_cache)
 from tasks.train.objective import Objective, weighted_mse
+
+log = logging.getLogger("booruflow.train")
 
 RECOMPILE_LIMIT = 128  # bucket shapes × chunk counts; each gets a static graph
 
@@ -70,11 +79,22 @@ def ddp_whole_graph(processes: int, grad_accum: int) -> bool:
 
 def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False, channels_last: bool = False,
                  compile: bool = False, compile_mode: str | None = None, compile_tuning: bool = False,
-                 ddp_whole_graph: bool = False) -> torch.nn.Module:
+                 ddp_whole_graph: bool = False, compile_strategy: str = "static",
+                 compile_cache_dir: str | Path | None = None, compile_backend: str = "inductor") -> torch.nn.Module:
     """Train mode, SDPA attention, optional checkpointing / channels_last / torch.compile (in place).
 
+    `compile_strategy`: "static" compiles the whole UNet once per bucket shape (a full compile each, ~160 s
+    cold on an H100); "dynamic" marks the latent height/width symbolic so one whole-UNet graph serves every
+    bucket (the Engine marks each micro-batch); "regional" compiles each ResNet / transformer block on its own
+    with symbolic height/width, so a handful of small graphs serve every block and bucket (see
+    tasks/train/compile_cache.py). `compile_cache_dir` (runtime.cache_dir) keeps the compiled graphs on disk
+    under a key of model, options and environment, so a rerun or resume on the same kind of machine loads
+    them instead of generating code again (dynamo still traces). `compile_backend` is for tests ("aot_eager"
+    runs the same tracing on CPU without code generation).
+
     `nn.Module.compile` keeps the module and its state_dict keys as they are; `unet.forward(...)` still runs
-    eagerly, which the sampler and validation use so their other batch shapes never trigger compiles.
+    eagerly, which the sampler and validation use so their other batch shapes never trigger compiles
+    (regionally compiled blocks run eagerly under no_grad, which both use, for the same reason).
 
     `ddp_whole_graph`: under DDP, dynamo's DDPOptimizer splits the compiled graph at every gradient bucket
     (about 140 pieces for the SD UNet at DDP's 25 MB buckets) so that all-reduce overlaps the backward pass.
@@ -91,7 +111,21 @@ def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False,
         unet.enable_gradient_checkpointing()
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    if compile_strategy not in ("static", "dynamic", "regional"):
+        raise ConfigError(f"train.compile_strategy={compile_strategy!r}: expected static, dynamic or regional")
+    setattr(unet, DYNAMIC_HW_ATTR, bool(compile and compile_strategy == "dynamic"))
     if compile:
+        options = {"mode": compile_mode or "default", "strategy": compile_strategy, "backend": compile_backend,
+                   "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing,
+                   "tuning": compile_tuning, "ddp_whole_graph": ddp_whole_graph, "sdpa": _sdpa_flags()}
+        if compile_cache_dir is not None:
+            env = environment_identity(_module_device(unet))
+            model = model_identity(unet)
+            key = compile_cache_key(model, options, env)
+            folder = use_compile_cache(compile_cache_dir, key, {"model": model, "options": options, "env": env})
+            log.info("compile cache: %s", folder)
+        if compile_strategy != "static":
+            configure_dynamic_shapes()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -100,8 +134,28 @@ def prepare_unet(unet: torch.nn.Module, *, gradient_checkpointing: bool = False,
 
             inductor_config.coordinate_descent_tuning = True
         torch._dynamo.config.optimize_ddp = not ddp_whole_graph
-        unet.compile(dynamic=False, mode=None if compile_mode == "default" else compile_mode)
+        mode = None if compile_mode in (None, "default") or compile_backend != "inductor" else compile_mode
+        # dynamic=False: nothing becomes symbolic by itself (automatic dynamic would recompile a second,
+        # all-symbolic graph); the dims marked (context length; latent / block-input H/W) are.
+        if compile_strategy == "regional":
+            log.info("compile: %d UNet blocks compiled on their own", compile_regions(unet, mode=mode,
+                                                                                    backend=compile_backend))
+        else:
+            unet.compile(dynamic=False, mode=mode, backend=compile_backend)
     return unet
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sdpa_flags() -> dict[str, bool]:
+    """Which SDPA backends are on (configure_backends): the traced attention op depends on them."""
+    cuda = torch.backends.cuda
+    return {name: bool(getattr(cuda, fn)()) for name, fn in
+            (("flash", "flash_sdp_enabled"), ("efficient", "mem_efficient_sdp_enabled"),
+             ("cudnn", "cudnn_sdp_enabled"), ("math", "math_sdp_enabled")) if hasattr(cuda, fn)}
 
 
 def keep_channels_last(params: Iterable[torch.Tensor]) -> None:
@@ -217,6 +271,8 @@ class Engine:
         self._loss_sum = torch.zeros((), device=self.device)
         self._micro = 0
         self.params = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
+        # prepare_unet(compile_strategy="dynamic"): one graph for every bucket, latent H/W marked per micro-batch
+        self.dynamic_hw = bool(getattr(accelerator.unwrap_model(unet), DYNAMIC_HW_ATTR, False))
         if train_text_encoder:
             self.params += [p for p in self.te_module.parameters() if p.requires_grad]
         # CUDA graphs (compile mode reduce-overhead) own their outputs' memory: a gradient must never *be* a
@@ -246,6 +302,8 @@ class Engine:
         x_t, timestep, target, t_weight = self.objective.inputs(x0, noise, b.levels)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if self.dynamic_hw:
+            mark_latent_dynamic(x_t)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         pred = self.unet(x_t, timestep, encoder_hidden_states=context, return_dict=False)[0]

@@ -272,7 +272,9 @@ class _Run:
         unet = comps.unet.to(self.device)
         prepare_unet(unet, gradient_checkpointing=cfg.gradient_checkpointing, channels_last=cfg.channels_last,
                      compile=cfg.compile, compile_mode=self.compile_mode,
-                     ddp_whole_graph=ddp_whole_graph(acc.num_processes, cfg.grad_accum))
+                     ddp_whole_graph=ddp_whole_graph(acc.num_processes, cfg.grad_accum),
+                     compile_strategy=cfg.compile_strategy,  # compiled graphs kept under runtime.cache_dir
+                     compile_cache_dir=self.spec.model_cache_dir if cfg.compile_cache else None)
         te = comps.text_encoder.to(self.device)
         te.requires_grad_(cfg.train_text_encoder)
         if cfg.train_text_encoder:
