@@ -118,6 +118,21 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def kill_worker_after(spec, run_file: Path, step: int) -> None:
+    """Run `spec` in a training worker process (`python -m tasks.train.worker`) that SIGKILLs itself after
+    `step` (the loop's test kill hook), and check that it died that way."""
+    import subprocess
+    import sys
+
+    from tasks.train.loop import KILL_ENV
+
+    spec.save(run_file)
+    proc = subprocess.run([sys.executable, "-m", "tasks.train.worker", str(run_file)],
+                          cwd=Path(__file__).resolve().parents[2], env={**child_env(), KILL_ENV: str(step)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]  # SIGKILLed after `step`
+
+
 def base_train(**over) -> dict:
     """A small, fast CPU training config (JSON form of TrainConfig)."""
     cfg = {

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -24,11 +22,10 @@ from tasks.common.stage import run_stage
 from tasks.models.single_file import (UNET_PREFIX, embedded_configs, make_tree_readable, read_checkpoint,
                                       read_metadata, unet_diffusers_to_ldm)
 from tasks.train import export as ex
-from tasks.train.launch import REPO_ROOT
-from tasks.train.loop import KILL_ENV, run_training
+from tasks.train.loop import run_training
 from tasks.train.stage import SPEC, run_name
 
-from .conftest import base_train, child_env, run_spec
+from .conftest import base_train, kill_worker_after, run_spec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -223,10 +220,7 @@ def test_kill_and_resume_neither_loses_nor_duplicates_epoch_exports(make_cache, 
 
     work = tmp_path / "killed"
     spec = run_spec(store, manifest, work, model_cache, **recipe)
-    spec.save(work / "run.json")
-    proc = subprocess.run([sys.executable, "-m", "tasks.train.worker", str(work / "run.json")], cwd=REPO_ROOT,
-                          env={**child_env(), KILL_ENV: "5"}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kill_worker_after(spec, work / "run.json", 5)
     assert sorted(p.name for p in work.glob("*.safetensors")) == ["latest.safetensors", "r-e0001.safetensors"]
     assert _mode(work / "r-e0001.safetensors") == 0o644  # readable while training goes on, not only once committed
     os.utime(work / "r-e0001.safetensors", (0, 0))  # marked: a rewrite (temp + rename) brings a new mtime

@@ -3,16 +3,13 @@ same weights as a run that was never interrupted."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tasks.train.launch import REPO_ROOT
-from tasks.train.loop import KILL_ENV, run_training
+from tasks.train.loop import run_training
 
-from .conftest import child_env, run_spec, unet_weights
+from .conftest import kill_worker_after, run_spec, unet_weights
 
 RECIPE = dict(epochs=2, batch_size=2, grad_accum=2, optimizer="adamw8bit", caption_dropout=0.25, lr=5e-4,
               warmup=0.25, checkpoint_every=3, keep_last=2, ema={"enabled": True, "decay": 0.9})
@@ -25,10 +22,7 @@ def test_kill_then_resume_gives_the_uninterrupted_weights(make_cache, model_cach
 
     work = tmp_path / "killed"
     spec = run_spec(store, manifest, work, model_cache, **RECIPE)
-    spec.save(work / "run.json")
-    proc = subprocess.run([sys.executable, "-m", "tasks.train.worker", str(work / "run.json")], cwd=REPO_ROOT,
-                          env={**child_env(), KILL_ENV: "5"}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]  # SIGKILLed after step 5
+    kill_worker_after(spec, work / "run.json", 5)
     assert (work / "checkpoints" / "LATEST").read_text() == "step-00000003"  # steps 4-5 were lost
     assert not (work / "result.json").exists()
 
@@ -62,10 +56,7 @@ def test_kill_then_resume_leaves_each_tensorboard_point_once(make_cache, model_c
     recipe = dict(epochs=1, batch_size=2, checkpoint_every=3, logging={"every": 1, "tensorboard": True})
     work = tmp_path / "killed"
     spec = run_spec(store, manifest, work, model_cache, **recipe)
-    spec.save(work / "run.json")
-    proc = subprocess.run([sys.executable, "-m", "tasks.train.worker", str(work / "run.json")], cwd=REPO_ROOT,
-                          env={**child_env(), KILL_ENV: "5"}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kill_worker_after(spec, work / "run.json", 5)
     killed = _tb_points(work / "tb")
     assert sorted(s for t, s, _, _ in killed if t == "train/loss") == [1, 2, 3, 4, 5]  # 4-5: past checkpoint 3
     before = {(t, s): w for t, s, _, w in killed}
