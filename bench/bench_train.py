@@ -73,6 +73,7 @@ class Variant:
     compile_tuning: bool = False  # inductor coordinate-descent tuning of its Triton kernels
     te_bf16: bool = False  # frozen text encoder stored in bf16 (no per-step weight casts)
     compile_strategy: str = "static"  # static: graph per bucket shape | dynamic: one graph | regional: per block
+    cudnn_benchmark: bool = True  # cuDNN autotunes each new conv shape (costs time per new bucket shape)
 
 
 VARIANTS = {
@@ -95,6 +96,10 @@ VARIANTS = {
     "ours_dyn": Variant("ours_dyn", attention="cudnn", compile_strategy="dynamic"),
     "ours_cg_reg": Variant("ours_cg_reg", attention="cudnn", compile_mode="reduce-overhead",
                            compile_strategy="regional"),
+    "ours_cg_reg_nb": Variant("ours_cg_reg_nb", attention="cudnn", compile_mode="reduce-overhead",
+                              compile_strategy="regional", cudnn_benchmark=False),
+    "ours_cg_reg_b24": Variant("ours_cg_reg_b24", attention="cudnn", compile_mode="reduce-overhead",
+                               compile_strategy="regional", batch=24),
     "ours_reg": Variant("ours_reg", attention="cudnn", compile_strategy="regional"),
     "ours_tune_te16": Variant("ours_tune_te16", attention="cudnn", compile_tuning=True, te_bf16=True),
 }
@@ -224,7 +229,7 @@ def build_ours(v: Variant, args, device: torch.device, accelerator=None):
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if args.tiny else "bf16",
                                   step_scheduler_with_optimizer=False)
-    configure_backends(device, v.attention)
+    configure_backends(device, v.attention, cudnn_benchmark=v.cudnn_benchmark)
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, gradient_checkpointing=v.gradient_checkpointing, channels_last=v.channels_last,
                  compile=v.compile, compile_mode=v.compile_mode, compile_tuning=v.compile_tuning,
@@ -725,7 +730,7 @@ def reader_bench(args, device: torch.device, variant: str) -> dict:
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if args.tiny else "bf16",
                       step_scheduler_with_optimizer=False)
-    configure_backends(device, v.attention)
+    configure_backends(device, v.attention, cudnn_benchmark=v.cudnn_benchmark)
     unet, te = build_models(args.tiny, device)
     prepare_unet(unet, channels_last=v.channels_last, compile=v.compile)
     te.eval().requires_grad_(False)
