@@ -22,7 +22,22 @@ from pipeline_config.base import Section, execution_field
 
 EMBEDDED_URL = "embedded:minibooru"
 # Extensions the verifier can decode; anything else (zip, mp4, webm, swf, ...) is rejected as unsupported_ext.
+# AVIF counts only where this Pillow was built with libavif (the Pillow >= 11.2.1 wheels are).
+OPTIONAL_EXTS = {"avif": "avif"}  # extension -> PIL.features name
 DECODABLE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+
+
+def _pillow_supports(feature: str) -> bool:
+    try:
+        from PIL import features
+
+        return bool(features.check(feature))
+    except Exception:  # noqa: BLE001 - an old Pillow without the feature name, or no Pillow at all
+        return False
+
+
+DECODABLE_EXTS += tuple(ext for ext, feature in OPTIONAL_EXTS.items() if _pillow_supports(feature))
+
 # Metatags that do not count against Danbooru's tag limit (REFERENCE.md); `order:` and plain tags count.
 FREE_METATAGS = ("rating", "score", "status", "width", "height", "md5", "date", "limit")
 RATINGS = ("g", "s", "q", "e")
@@ -108,6 +123,12 @@ class FilterConfig(Section):
     @classmethod
     def _exts(cls, value: list[str]) -> list[str]:
         value = [v.lower().lstrip(".") for v in value]
+        missing = [v for v in value if v in OPTIONAL_EXTS and v not in DECODABLE_EXTS]
+        if missing:
+            raise ValueError(f"{missing}: this Pillow cannot decode {', '.join(missing).upper()}, so such files "
+                             "could not be verified; install a Pillow with AVIF support (`pip install -U "
+                             "'pillow>=11.2.1'`: the wheels bundle libavif; a source build needs libavif) so that "
+                             "PIL.features.check('avif') is True, or drop it from filters.file_exts")
         bad = [v for v in value if v not in DECODABLE_EXTS]
         if bad:
             raise ValueError(f"{bad} cannot be verified as images; choose from {list(DECODABLE_EXTS)}")

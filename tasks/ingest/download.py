@@ -198,6 +198,20 @@ class Downloader:
 
 
 _MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF")  # JPEG, PNG, GIF, WebP
+# AVIF (ISO-BMFF): a 4-byte box size, `ftyp`, the major brand (avif/avis, or mif1/msf1 with avif among the
+# compatible brands that follow it, up to the box's end).
+_AVIF_BRANDS = (b"avif", b"avis")
+_HEAD_BYTES = 64
+
+
+def image_head(head: bytes) -> bool:
+    """The first bytes of a file start an image of a type the pool takes (not an HTML or JSON page)."""
+    if head.startswith(_MAGIC):
+        return True
+    if head[4:8] != b"ftyp":
+        return False
+    brands = head[8:int.from_bytes(head[:4], "big")]
+    return any(brands[i:i + 4] in _AVIF_BRANDS for i in range(0, len(brands) - 3, 4))
 
 
 def short_body(reject: Reject | None, post: Post, size: int, path: Path) -> Reject | None:
@@ -208,10 +222,10 @@ def short_body(reject: Reject | None, post: Post, size: int, path: Path) -> Reje
         return reject
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(_HEAD_BYTES)
     except OSError:
         return reject
-    if not head.startswith(_MAGIC):
+    if not image_head(head):
         return reject
     return Reject("truncated", f"received {size} of {post.file_size} bytes ({reject.reason}: {reject.detail})")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 FREE_METATAGS = {"rating", "score", "status", "width", "height", "md5", "date", "id", "filetype", "favcount", "limit",
                  "is", "mpixels", "ratio"}
 COUNTED_METATAGS = {"order"}
-FILE_TYPES = {"jpg", "jpeg", "png", "webp", "gif", "mp4", "webm", "zip", "swf"}
+FILE_TYPES = {"jpg", "jpeg", "png", "webp", "avif", "gif", "mp4", "webm", "zip", "swf"}
 
 
 @dataclass

@@ -5,14 +5,17 @@ A tagger folder holds `selected_tags.csv` plus `model.onnx` and/or `model.safete
   - a path to such a folder;
   - `builtin:tiny-wd-swinv2[?seed=N]`: a random tiny SwinV2 built once into the cache (tasks/tag/tiny.py),
     then read through exactly this code like any real folder;
-  - a Hugging Face repo id (`SmilingWolf/wd-swinv2-tagger-v3`), fetched through huggingface_hub only
-    when the machine is online (an offline machine gets a ConfigError naming the folder to provide).
+  - a Hugging Face repo id (`SmilingWolf/wd-swinv2-tagger-v3`): read from the local Hugging Face cache
+    without any network call when the tagger files are there, downloaded through huggingface_hub only when
+    they are missing and the machine is online (HF_HUB_OFFLINE honoured: an offline machine gets a
+    ConfigError naming the folder to provide). Resolved once per process.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,23 +97,76 @@ def _hub_offline() -> bool:
         return True
 
 
+_HUB_FOLDERS: dict[tuple[str, str], Path] = {}  # (repo id, HF cache folder) -> snapshot folder, per process
+_HUB_LOCK = threading.Lock()
+
+
+def _has_tagger_files(path: Path) -> bool:
+    return (path / LABELS_NAME).is_file() and (
+        (path / ONNX_NAME).is_file() or ((path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()))
+
+
+def _cached_snapshot(repo_id: str, patterns: list[str]) -> Path | None:
+    """The repo's snapshot folder in the local Hugging Face cache when it holds a usable tagger (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - not cached, or cached but partial
+        # A snapshot the Hub lists more files for than were downloaded (only the ONNX file, say) is still a
+        # complete tagger when it has the labels and one backend's files.
+        partial = getattr(exc, "snapshot_path", None)
+        if partial is None:
+            return None
+        path = Path(partial)
+    return path if _has_tagger_files(path) else None
+
+
+def hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
 def _from_hub(repo_id: str, offline: bool | None) -> Path:
+    """A repo id -> its snapshot folder: the local Hugging Face cache first (no network call when the tagger
+    files are there), a download only when they are missing and the machine is online. Memoised per process:
+    a run resolves it once, not once per shard."""
     offline = _hub_offline() if offline is None else offline
-    message = (
-        f"tag.model {repo_id!r} looks like a Hugging Face repo id, but {{why}}. Download it once on a machine "
-        f"with network access and set tag.model to {FOLDER_LAYOUT}"
-    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - transformers depends on it
-        raise ConfigError(message.format(why="huggingface_hub is not installed")) from exc
-    patterns = [LABELS_NAME, ONNX_NAME, WEIGHTS_NAME, CONFIG_NAME]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
-    except Exception as exc:  # network errors, missing repo, offline cache miss: one actionable message
-        why = "this machine is offline and the repo is not in the local Hugging Face cache" if offline else (
-            f"it could not be fetched ({type(exc).__name__}: {exc})")
-        raise ConfigError(message.format(why=why)) from exc
+        raise ConfigError(f"tag.model {repo_id!r} looks like a Hugging Face repo id, but huggingface_hub is not "
+                          f"installed; set tag.model to {FOLDER_LAYOUT}") from exc
+    cache = hub_cache_dir()
+    key = (repo_id, str(cache))
+    with _HUB_LOCK:
+        hit = _HUB_FOLDERS.get(key)
+        if hit is not None and _has_tagger_files(hit):
+            return hit
+        patterns = [LABELS_NAME, ONNX_NAME, WEIGHTS_NAME, CONFIG_NAME]
+        path = _cached_snapshot(repo_id, patterns)
+        if path is None:
+            expected = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "<revision>"
+            message = (f"tag.model {repo_id!r} looks like a Hugging Face repo id, but {{why}}. Expected the "
+                       f"tagger in the local Hugging Face cache ({expected}, with refs/main naming the revision; "
+                       f"HF_HUB_CACHE / HF_HOME move it; download it once where there is network access), or set tag.model to {FOLDER_LAYOUT}")
+            if offline:
+                raise ConfigError(message.format(
+                    why="this machine is offline (HF_HUB_OFFLINE) and the repo is not in the local cache"))
+            try:
+                path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            except Exception as exc:  # network errors, missing repo, gated repo: one actionable message
+                raise ConfigError(message.format(
+                    why=f"it is not in the local cache and could not be fetched ({type(exc).__name__}: "
+                        f"{str(exc)[:300]})")) from exc
+            if not _has_tagger_files(path):  # the Hub was unreachable and a partial snapshot came back
+                found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+                raise ConfigError(message.format(
+                    why=f"its snapshot {path} holds only {found} even after asking the Hub (unreachable, or the "
+                        "repo lacks the files)"))
+        _HUB_FOLDERS[key] = path
+        return path
 
 
 def resolve_model(spec: str, cache_dir: Path, *, offline: bool | None = None) -> TaggerFolder:

@@ -59,7 +59,8 @@ from .render import placeholder
 Scope = Literal["all", "api", "image"]
 
 CONTENT_TYPES = {
-    "jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
+    "jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif",
+    "gif": "image/gif",
     "mp4": "video/mp4", "webm": "video/webm", "zip": "application/zip", "swf": "application/x-shockwave-flash",
 }
 HTML_ERROR_PAGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title></head>"
@@ -183,7 +184,7 @@ class _Store:
         # ids with a decodable image, per extension (wrong_bytes serves another image of the same type)
         self.image_ids: dict[str, list[int]] = {}
         for md5, (pid, ext, _) in sorted(self.files.items(), key=lambda kv: kv[1][0]):
-            if ext in ("jpg", "png", "webp", "gif"):
+            if ext in ("jpg", "png", "webp", "avif", "gif"):
                 self.image_ids.setdefault(ext, []).append(pid)
 
     def file_bytes(self, md5: str) -> bytes:
