@@ -430,6 +430,10 @@ def cmd_files(args: argparse.Namespace) -> int:
     return 0
 
 
+# The card's recommendation for the flow checkpoint (README "Using the checkpoint").
+SAMPLE_DEFAULTS = {"width": 768, "height": 1024, "steps": 48, "cfg": 6.0}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
@@ -440,12 +444,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint
     cache_dir = args.cache_dir
+    # Unset size/steps/cfg: the card's recommendation, or for `current` what the run's own sample grids used
+    # (the demo's tiny model at 768x1024 x 48 steps would take minutes on a CPU to draw noise).
+    given = {k: getattr(args, k) for k in ("width", "height", "steps", "cfg")}
+    defaults = dict(SAMPLE_DEFAULTS)
     if checkpoint == "current":  # the current train output of the config
         cfg = load_config(args.config, args.override)
         store = ArtifactStore.for_config(cfg)
         manifest = store.read_manifest(manifest_class("train"))
         checkpoint = str(store.path(manifest, manifest.checkpoint))
         cache_dir = cache_dir or cfg.runtime.cache_dir
+        grid = cfg.train.sampling
+        defaults = {"width": grid.width, "height": grid.height, "steps": grid.steps, "cfg": grid.cfg_scale}
+        if any(v is None for v in given.values()):
+            print(f"sampling at {given['width'] or grid.width}x{given['height'] or grid.height}, "
+                  f"{given['steps'] or grid.steps} steps, cfg {given['cfg'] or grid.cfg_scale:g}: unset ones from "
+                  f"train.sampling of config {cfg.name} (--width/--height/--steps/--cfg to change)", file=sys.stderr)
+    for key, value in given.items():
+        setattr(args, key, defaults[key] if value is None else value)
     with Progress(transient=True) as bar:
         task = bar.add_task("sampling", total=None)
         paths = sample_main(
@@ -562,16 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="one or more prompts (A1111 weighting syntax)")
     p.add_argument("--negative", default="", help="negative prompt (one for all; default: empty)")
     p.add_argument("--out", default="samples", help="output folder (PNGs with A1111 parameters + grid.png)")
-    p.add_argument("--steps", type=int, default=48, help="sampling steps")
-    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 48; for 'current': the config's "
+                                                           "train.sampling.steps, as --width/--height/--cfg)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 6)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default: the checkpoint's recommended "
                                                              "shift, else 3)")
     p.add_argument("--sampler", default="euler", choices=["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde"],
                    help="sampler (flow forms)")
     p.add_argument("--schedule", default="diffusers", choices=["diffusers", "simple"], help="sigma schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per image)")
-    p.add_argument("--width", type=int, default=768, help="image width in pixels")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default 768)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default 1024)")
     p.add_argument("--batch-size", type=int, default=1, help="images generated at once")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--clip-skip", type=int, default=2, help="CLIP layers skipped from the end (A1111 convention)")

@@ -135,7 +135,7 @@ RUNS = {
     ".venv/bin/fm inspect cache": _inspect,
     ".venv/bin/fm check": _check,
     ".venv/bin/fm status": _status,
-    '.venv/bin/fm sample current "1girl, solo, smile" --width 256 --height 256 --steps 8': _sample,
+    '.venv/bin/fm sample current "1girl, solo, smile" --sampler dpmpp_2m --images-per-prompt 2 --steps 12': _sample,
     '.venv/bin/fm sample current "1girl, solo, smile, masterpiece, good score"': _sample,
     # run against the server `fm up` started (the block's `export` comes first)
     f"export PREFECT_API_URL={API}": None,
@@ -154,6 +154,23 @@ def _server_processes() -> list[psutil.Process]:
         if "prefect" in cmd and ("server start" in cmd or "prefect.server.api.server" in cmd) and "4200" in cmd:
             found.append(p)
     return found
+
+
+def _served_runs_reused_and_rebuilt_what_they_should(env: dict[str, str]) -> None:
+    """Read back through the Prefect client: the served fm/full (after `fm run` built everything) reused every
+    stage and published each stage's artifacts; fm/bucket with force ran the bucket task alone and rebuilt it.
+    (tests/flows/test_deployments.py covers a served run that builds, and a changed config's rebuilds.)"""
+    from tasks.registry import implemented_stages
+    from tests.flows.test_deployments import latest_flow_run_id, read_run, stage_state
+
+    stages = implemented_stages()
+    artifacts, task_names = read_run(env, latest_flow_run_id(env, "fm/full"))
+    assert [n for n in task_names if "-shard-" not in n and not n.endswith("-merge")] == sorted(stages)
+    for stage in stages:
+        assert {f"fm-{stage}-summary", f"fm-{stage}-manifest"} <= set(artifacts), (stage, sorted(artifacts))
+        assert stage_state(artifacts, stage) == "cached", stage
+    artifacts, task_names = read_run(env, latest_flow_run_id(env, "fm/bucket"))
+    assert task_names == ["bucket"] and stage_state(artifacts, "bucket") == "built"
 
 
 def test_every_documented_command_runs_verbatim(tmp_path):
@@ -188,6 +205,7 @@ def test_every_documented_command_runs_verbatim(tmp_path):
         proc = _sh("set -e\n" + "\n".join(block), box, env)
         _ok(proc)
         assert proc.stdout.count("Completed") >= 2, proc.stdout[-3000:]
+        _served_runs_reused_and_rebuilt_what_they_should({**env, "PREFECT_API_URL": API})
     finally:
         os.killpg(up.pid, signal.SIGINT)  # Ctrl-C: stops the server it started too
         try:

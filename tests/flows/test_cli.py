@@ -140,13 +140,22 @@ def test_status_of_an_unused_data_root_writes_nothing(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def _run_side_by_side(commands: list[list[str]], env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Run the commands at once (each mostly imports heavy libraries) and return them in order, finished."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for c in commands]
+    done = []
+    for cmd, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return done
+
+
 def test_importing_tasks_silences_the_bitsandbytes_kernel_warning():
     """diffusers imports bitsandbytes, whose CPU backend warns on every import about an untrusted Hub kernel."""
     code = "{}from diffusers import UNet2DConditionModel"
-    noisy = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, cwd=ROOT,
-                           timeout=300)
-    quiet = subprocess.run([sys.executable, "-c", code.format("import tasks; ")], capture_output=True, text=True,
-                           cwd=ROOT, timeout=300)
+    noisy, quiet = _run_side_by_side([[sys.executable, "-c", code.format("")],
+                                      [sys.executable, "-c", code.format("import tasks; ")]])
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "kernels-community" not in quiet.stderr
     if "kernels-community" not in noisy.stderr:
@@ -164,11 +173,8 @@ def test_run_environment_hides_the_shard_bars():
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    quiet = subprocess.run([sys.executable, "-c", "from flows.cli import quiet_third_party_output\n"
-                            "quiet_third_party_output()\n" + save], capture_output=True, text=True, cwd=ROOT,
-                           env=env, timeout=300)
+    quiet, noisy = _run_side_by_side([[sys.executable, "-c", "from flows.cli import quiet_third_party_output\n"
+                                       "quiet_third_party_output()\n" + save], [sys.executable, "-c", save]], env=env)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "Writing model shards" not in quiet.stderr and "it/s" not in quiet.stderr
-    noisy = subprocess.run([sys.executable, "-c", save], capture_output=True, text=True, cwd=ROOT, env=env,
-                           timeout=300)
     assert "Writing model shards" in noisy.stderr  # the control: without it the bar is there
