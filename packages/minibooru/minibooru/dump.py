@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .generate import MARKER, MiniBooru
 
-IMAGE_EXTS = ("jpg", "png", "webp", "gif")
+IMAGE_EXTS = ("jpg", "png", "webp", "gif", "avif")
 DUMP_MARKER = "dump.json"
 
 _VARIANT = pa.struct([("type", pa.string()), ("url", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
