@@ -22,7 +22,8 @@ from flows.publish import ProgressReporter, publish_outcome
 from pipeline_config.load import load_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.secrets import install_redaction, register_secret
-from tasks.common.shard_workers import WorkerSlot, run_claimed, run_in_workers
+from tasks.common.claims import run_claimed
+from tasks.common.shard_workers import WorkerSlot, run_in_workers
 from tasks.common.stage import (
     StageOutcome,
     finish_stage,
@@ -137,6 +138,12 @@ def make_task_runner(cfg: PipelineConfig):
         return RayTaskRunner(address=address)
     return RayTaskRunner(init_kwargs={"num_cpus": cfg.runtime.max_workers,
                                       "runtime_env": {"env_vars": worker_env()}})
+
+
+def runner_shards(cfg: PipelineConfig) -> bool:
+    """Whether this flow maps a stage's shards over a cluster runner's workers (Dask, Ray). Stages read it
+    from their context (StageContext.sharded), never from the runner's name."""
+    return cfg.runtime.task_runner in ("dask", "ray")
 
 
 def _outcome_summary(stage: str, outcome: StageOutcome, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -364,10 +371,11 @@ def stage_task(stage: str, cfg: PipelineConfig, force: bool, progress_id: UUID |
     progress = ProgressReporter(stage, artifact_id=progress_id)
     try:
         prepared = prepare_stage(stage_spec(stage), cfg, _store(cfg), force=force, progress=progress,
-                                 log=get_run_logger())  # type: ignore[arg-type]
+                                 log=get_run_logger(), sharded=runner_shards(cfg))  # type: ignore[arg-type]
         shards = plan_shards(prepared)
         if shards:
-            slots = worker_slots(prepared, len(shards)) if cfg.runtime.task_runner == "thread" else []
+            # Device worker processes only under the thread runner: a cluster runner places shards itself.
+            slots = worker_slots(prepared, len(shards)) if not runner_shards(cfg) else []
             progress(0.02, f"{len(shards)} shard(s) planned")
             return {"stage": stage, "fingerprint": prepared.ctx.fingerprint, "cached": False, "shards": shards,
                     "slots": [slot.device for slot in slots]}
@@ -386,7 +394,8 @@ def shard_task(stage: str, cfg: PipelineConfig, fingerprint: str, shard: dict[st
     install_redaction()
     load_prefect_secrets(cfg)  # a worker on another machine: credentials from Secret blocks, as the flow has
     spec = stage_spec(stage)
-    prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+    prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger(),  # type: ignore[arg-type]
+                            sharded=runner_shards(cfg))
     return spec.run_shard(prepared.ctx, shard)  # type: ignore[misc]
 
 
@@ -398,10 +407,11 @@ def device_worker_task(stage: str, cfg: PipelineConfig, fingerprint: str, device
     install_redaction()
     if here:
         spec = stage_spec(stage)
-        prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger())  # type: ignore[arg-type]
+        prepared = reopen_stage(spec, cfg, _store(cfg), fingerprint, log=get_run_logger(),  # type: ignore[arg-type]
+                                sharded=runner_shards(cfg))
         return run_claimed(shards, Path(claims), lambda shard: spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]
     return run_in_workers(stage, cfg.model_dump(mode="json"), fingerprint, shards, [WorkerSlot(device)],
-                          log=get_run_logger(), claims=Path(claims))  # type: ignore[arg-type]
+                          log=get_run_logger(), claims=Path(claims), sharded=runner_shards(cfg))  # type: ignore[arg-type]
 
 
 @task(name="merge", retries=0, cache_policy=NO_CACHE)
@@ -409,7 +419,7 @@ def merge_task(stage: str, cfg: PipelineConfig, fingerprint: str, results: list[
                force: bool = False) -> dict[str, Any]:
     install_redaction()
     prepared = reopen_stage(stage_spec(stage), cfg, _store(cfg), fingerprint, log=get_run_logger(),  # type: ignore[arg-type]
-                            force=force)
+                            force=force, sharded=runner_shards(cfg))
     outcome = finish_stage(prepared, results)
     _publish(stage, cfg, outcome)
     return _outcome_summary(stage, outcome, results)

@@ -5,13 +5,15 @@ encoder. On CUDA the threads only read JPEG bytes; nvJPEG decodes them in one ba
 resize/crop runs on the device, on a side stream, while the previous batch encodes on the main one.
 Each batch's latents are copied into pinned memory right behind its encoder, and the host waits for
 batch k only after batch k+1 is queued, so the GPU never idles on the host. Finished chunks are
-assembled, written and journalled by a writer thread. Several GPUs: this process on the first, one spawned
-process on each other, chunks claimed one by one, largest first, each with its own journal (`run_sharded`).
+assembled, written and journalled by a writer thread. Several GPUs: this process on the first, one supervised
+process on each other (tasks/common/workers.py), chunks claimed one by one, largest first, each with its own
+journal (`run_sharded`).
 Measured on one H100 (bench/bench_cache.py): 256 img/s end to end at 512² buckets, 90 % of the
 compiled encoder alone (285 img/s), 2.0x the kohya-style reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from data_contracts.errors import StageError
 from data_contracts.store import atomic_write_text
+from pipeline_config.cache import CacheConfig
 from tasks.cache.chunks import (
     ChunkPlan,
     append_journal,
@@ -47,6 +51,14 @@ from tasks.cache.images import (
     load_pil,
     prepare,
     uint8_to_pixels,
+)
+from tasks.common.claims import claim
+from tasks.common.workers import (
+    Supervisor,
+    Worker,
+    child_env,
+    python_call,
+    visible_gpu_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -185,75 +197,141 @@ def bucket_sizes(plans: list[ChunkPlan]) -> dict[tuple[int, int], int]:
     return sizes
 
 
-def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module, *, device: torch.device,
-                 backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
-                 journal: Path, threads: int, on_chunk: ChunkDone | None = None,
-                 encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
-                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None,
-                 bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
-    """Encode and write every planned chunk (in order); each chunk journalled once written.
+def decode_backend(decode: str, device: torch.device) -> Backend:
+    """cache.decode resolved for a device: auto is torch (nvJPEG + GPU resize) on CUDA, PIL on the CPU."""
+    return decode if decode != "auto" else ("torch" if device.type == "cuda" else "pil")  # type: ignore[return-value]
 
-    `claim(i)`: several processes share `plans`; plan i is taken only if claim(i) says it is this one's,
-    asked when the reading threads reach it (a batch or so ahead), so the faster device takes more chunks.
 
-    With `compile`, a bucket with fewer than `compile_min_images` images (in these plans) runs eagerly:
-    compiling one more shape costs more than it saves on a few images. `bucket_rows` gives the bucket
-    sizes of the whole stage when `plans` are only a part of it (a shard), so the choice stays the same.
-    `encoder` reuses a LatentEncoder (and its compiled graphs) across calls; by default one is made.
-    `cpu_jpeg` (torch backend): decode JPEGs in the reading threads (libjpeg-turbo) instead of on the
-    device, leaving the GPU to the encoder; resize and crop still run on the device."""
-    started = time.monotonic()
-    stats = LoopStats()
-    if not plans:
-        return stats
-    cols = samples.select([n for n in samples.column_names if not n.startswith(("tags_", "tokens_"))]).to_pydict()
-    encoder = encoder or LatentEncoder(vae, device, batch_size, compile=compile)
-    pending: dict[int, _Pending] = {}
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How one device's loop runs: the cache section's part of it, plus this host's reading threads."""
 
-    def plan_jobs():
-        for p_idx, plan in enumerate(plans):
-            if claim is not None and not claim(p_idx):
+    backend: Backend
+    batch_size: int
+    compile: bool
+    store_std: bool
+    threads: int = 1  # reading (and on the CPU path decoding) threads
+    compile_min_images: int = 0  # a bucket with fewer images (in the whole stage) runs eagerly
+    cpu_jpeg: bool = False  # torch backend: decode JPEGs in the reading threads, not on the device
+
+    @classmethod
+    def from_section(cls, section: CacheConfig, device: torch.device, threads: int) -> EncodeSettings:
+        return cls(decode_backend(section.decode, device), section.batch_size, section.compile, section.store_std,
+                   max(1, threads), section.compile_min_images)
+
+
+class ChunkEncoder:
+    """One device's caching loop: encode and write planned chunks, each journalled once written.
+
+    Several processes may share the plans: `encode(..., claim=...)` takes plan i only if claim(i) says it
+    is this one's, asked when the reading threads reach it (a batch or so ahead), so the faster device
+    takes more chunks. With `compile`, a bucket with fewer than `compile_min_images` images runs eagerly:
+    compiling one more shape costs more than it saves on a few images. `bucket_rows` gives the bucket sizes
+    of the whole stage when the plans are only a part of it (a shard), so the choice stays the same. The
+    LatentEncoder (and its compiled graphs) is kept across calls."""
+
+    def __init__(self, settings: EncodeSettings, encoder: LatentEncoder, work: Path, journal: Path) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.work = work
+        self.journal = journal
+
+    @classmethod
+    def from_section(cls, section: CacheConfig, vae: torch.nn.Module | LatentEncoder, device: torch.device, *,
+                     threads: int, work: Path, journal: Path) -> ChunkEncoder:
+        """The loop the cache section describes on `device` (`vae` may be a LatentEncoder to reuse)."""
+        encoder = vae if isinstance(vae, LatentEncoder) else LatentEncoder(vae, device, section.batch_size,
+                                                                           compile=section.compile)
+        return cls(EncodeSettings.from_section(section, encoder.device, threads), encoder, work, journal)
+
+    def encode(self, samples: pa.Table, plans: list[ChunkPlan], *, claim: Callable[[int], bool] | None = None,
+               on_chunk: ChunkDone | None = None,
+               bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
+        """Encode and write every planned chunk this process takes (in order)."""
+        if not plans:
+            return LoopStats()
+        return _Pass(self, samples, plans, claim, on_chunk, bucket_rows).run()
+
+
+class _Pass:
+    """One `ChunkEncoder.encode` call: the chunks in flight between the reading threads, the encoder and the
+    writer thread."""
+
+    def __init__(self, owner: ChunkEncoder, samples: pa.Table, plans: list[ChunkPlan],
+                 claim: Callable[[int], bool] | None, on_chunk: ChunkDone | None,
+                 bucket_rows: dict[tuple[int, int], int] | None) -> None:
+        self.started = time.monotonic()
+        self.settings, self.encoder = owner.settings, owner.encoder
+        self.work, self.journal = owner.work, owner.journal
+        self.samples, self.plans, self.claim, self.on_chunk = samples, plans, claim, on_chunk
+        self.stats = LoopStats()
+        self.cols = samples.select([n for n in samples.column_names
+                                    if not n.startswith(("tags_", "tokens_"))]).to_pydict()
+        self.pending: dict[int, _Pending] = {}
+        self.writes: deque[Future] = deque()
+        self.per_bucket = bucket_rows or bucket_sizes(plans)  # over every plan: compile choices ignore claims
+        self.lanes = _Lanes(self.encoder.device)
+
+    def jobs(self):
+        batch_size = self.settings.batch_size
+        for p_idx, plan in enumerate(self.plans):
+            if self.claim is not None and not self.claim(p_idx):
                 continue
             rows = np.arange(plan.start, plan.stop)
             batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-            pending[p_idx] = _Pending(plan, len(batches))
+            self.pending[p_idx] = _Pending(plan, len(batches))
             yield from ((p_idx, b) for b in batches)
 
-    jobs = plan_jobs()
-    per_bucket = bucket_rows or bucket_sizes(plans)  # over every plan: compile choices do not depend on claims
-    lanes = _Lanes(device)
-    load = (partial(_load_pil_batch, pin=lanes.cuda) if backend == "pil"
-            else partial(_prepare_batch, cpu_jpeg=cpu_jpeg, pin=lanes.cuda))
-    lookahead = max(2, threads * 2)
+    def run(self) -> LoopStats:
+        s, lanes, stats, device = self.settings, self.lanes, self.stats, self.encoder.device
+        load = (partial(_load_pil_batch, pin=lanes.cuda) if s.backend == "pil"
+                else partial(_prepare_batch, cpu_jpeg=s.cpu_jpeg, pin=lanes.cuda))
+        lookahead = max(2, s.threads * 2)
+        jobs = self.jobs()
+        with ThreadPoolExecutor(s.threads, thread_name_prefix="cache-decode") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="cache-write") as self.writer:
+            futures: deque[tuple[int, Future]] = deque()
+            jobs_left = True
+            in_flight = None  # (p_idx, rows, host latents, copy-done event) of the batch still on its way back
+            while jobs_left or futures:
+                while jobs_left and len(futures) < lookahead:
+                    job = next(jobs, None)
+                    if job is None:
+                        jobs_left = False
+                        break
+                    p_idx, rows = job
+                    futures.append((p_idx, pool.submit(load, self.cols, rows)))
+                if not futures:
+                    break
+                p_idx, fut = futures.popleft()
+                t0 = time.monotonic()
+                ok, payload, rejects = fut.result()
+                stats.encode_wait_s += time.monotonic() - t0
+                with lanes.preparing():
+                    ok, pixels, more = _to_pixels(s.backend, self.cols, ok, payload, device)
+                rejects += more
+                self.pending[p_idx].rejects.extend(rejects)
+                stats.rejects += len(rejects)
+                latents = done = None
+                if pixels is not None:
+                    lanes.hand_over(pixels)
+                    compiled = self.per_bucket[self.pending[p_idx].plan.bucket] >= s.compile_min_images
+                    mean, std = self.encoder(pixels, compiled=compiled)
+                    latents, done = lanes.to_host([mean, std] if s.store_std else [mean])
+                    stats.images += len(ok)
+                if in_flight is not None:
+                    self.finish(*in_flight)
+                in_flight = (p_idx, ok, latents, done)
+            if in_flight is not None:
+                self.finish(*in_flight)
+            while self.writes:
+                self.collect(self.writes.popleft())
+        stats.seconds = time.monotonic() - self.started
+        return stats
 
-    def flush_chunk(p_idx: int) -> None:
-        writes.append(writer.submit(_write, pending.pop(p_idx)))
-        while len(writes) > 2:  # bound memory: at most a few chunks waiting for the disk
-            _collect(writes.popleft())
-
-    def _write(st: _Pending) -> tuple[ChunkPlan, dict]:
-        # On the writer thread: assembling a 256 MB chunk must not stall the encoder's feeding loop.
-        rows = np.concatenate(st.rows) if st.rows else np.zeros(0, np.int64)
-        order = np.argsort(rows, kind="stable")  # keep the plan's id order whatever the batch order
-        meta = samples.take(pa.array(rows[order]))
-        mean = np.concatenate(st.means)[order] if st.means else np.zeros((0,), np.float16)
-        std = (np.concatenate(st.stds)[order] if st.stds else np.zeros((0,), np.float16)) if store_std else None
-        info = write_chunk(work, st.plan, chunk_table(meta, mean, std))
-        entry = journal_entry(st.plan, info, st.rejects)
-        append_journal(journal, entry)
-        if stats.first_chunk_at is None:  # here, not in on_chunk: chunks are collected up to two writes late
-            stats.first_chunk_at = time.time()
-        return st.plan, entry
-
-    def _collect(fut: Future) -> None:
-        plan, entry = fut.result()
-        stats.chunks += 1
-        stats.bytes += entry["bytes"]
-        if on_chunk is not None:
-            on_chunk(plan, entry)
-
-    def finish(p_idx: int, rows: np.ndarray, latents: list[torch.Tensor] | None, done) -> None:
-        st = pending[p_idx]
+    def finish(self, p_idx: int, rows: np.ndarray, latents: list[torch.Tensor] | None, done) -> None:
+        """A batch is back from the device: keep its finite latents; a chunk with every batch back is written."""
+        st, stats = self.pending[p_idx], self.stats
         if latents is not None:
             if done is not None:
                 t0 = time.monotonic()
@@ -264,57 +342,55 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
             for a in arrays[1:]:
                 finite &= np.all(np.isfinite(a.reshape(len(rows), -1)), axis=1)
             for r in rows[~finite]:  # an image that drives the encoder to inf/NaN is data, not a crash
-                st.rejects.append({"id": int(cols["id"][r]), "reason": "nonfinite_latent",
+                st.rejects.append({"id": int(self.cols["id"][r]), "reason": "nonfinite_latent",
                                    "detail": "the VAE encoder returned inf/NaN for this image"})
                 stats.rejects += 1
             st.rows.append(rows[finite])
             st.means.append(arrays[0][finite])
-            if store_std:
+            if self.settings.store_std:
                 st.stds.append(arrays[1][finite])
         st.batches_left -= 1
         if st.batches_left == 0:
-            flush_chunk(p_idx)
+            self.writes.append(self.writer.submit(self.write, self.pending.pop(p_idx)))
+            while len(self.writes) > 2:  # bound memory: at most a few chunks waiting for the disk
+                self.collect(self.writes.popleft())
 
-    writes: deque[Future] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="cache-decode") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="cache-write") as writer:
-        futures: deque[tuple[int, Future]] = deque()
-        jobs_left = True
-        in_flight = None  # (p_idx, rows, host latents, copy-done event) of the batch still on its way back
-        while jobs_left or futures:
-            while jobs_left and len(futures) < lookahead:
-                job = next(jobs, None)
-                if job is None:
-                    jobs_left = False
-                    break
-                p_idx, rows = job
-                futures.append((p_idx, pool.submit(load, cols, rows)))
-            if not futures:
-                break
-            p_idx, fut = futures.popleft()
-            t0 = time.monotonic()
-            ok, payload, rejects = fut.result()
-            stats.encode_wait_s += time.monotonic() - t0
-            with lanes.preparing():
-                ok, pixels, more = _to_pixels(backend, cols, ok, payload, device)
-            rejects += more
-            pending[p_idx].rejects.extend(rejects)
-            stats.rejects += len(rejects)
-            latents = done = None
-            if pixels is not None:
-                lanes.hand_over(pixels)
-                mean, std = encoder(pixels, compiled=per_bucket[pending[p_idx].plan.bucket] >= compile_min_images)
-                latents, done = lanes.to_host([mean, std] if store_std else [mean])
-                stats.images += len(ok)
-            if in_flight is not None:
-                finish(*in_flight)
-            in_flight = (p_idx, ok, latents, done)
-        if in_flight is not None:
-            finish(*in_flight)
-        while writes:
-            _collect(writes.popleft())
-    stats.seconds = time.monotonic() - started
-    return stats
+    def write(self, st: _Pending) -> tuple[ChunkPlan, dict]:
+        # On the writer thread: assembling a 256 MB chunk must not stall the encoder's feeding loop.
+        rows = np.concatenate(st.rows) if st.rows else np.zeros(0, np.int64)
+        order = np.argsort(rows, kind="stable")  # keep the plan's id order whatever the batch order
+        meta = self.samples.take(pa.array(rows[order]))
+        mean = np.concatenate(st.means)[order] if st.means else np.zeros((0,), np.float16)
+        std = ((np.concatenate(st.stds)[order] if st.stds else np.zeros((0,), np.float16))
+               if self.settings.store_std else None)
+        info = write_chunk(self.work, st.plan, chunk_table(meta, mean, std))
+        entry = journal_entry(st.plan, info, st.rejects)
+        append_journal(self.journal, entry)
+        if self.stats.first_chunk_at is None:  # here, not in collect: chunks are collected up to two writes late
+            self.stats.first_chunk_at = time.time()
+        return st.plan, entry
+
+    def collect(self, fut: Future) -> None:
+        plan, entry = fut.result()
+        self.stats.chunks += 1
+        self.stats.bytes += entry["bytes"]
+        if self.on_chunk is not None:
+            self.on_chunk(plan, entry)
+
+
+def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module, *, device: torch.device,
+                 backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
+                 journal: Path, threads: int, on_chunk: ChunkDone | None = None,
+                 encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
+                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None,
+                 bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
+    """ChunkEncoder as one call with every setting spelled out (bench/bench_cache.py)."""
+    if not plans:
+        return LoopStats()
+    settings = EncodeSettings(backend, batch_size, compile, store_std, threads, compile_min_images, cpu_jpeg)
+    encoder = encoder or LatentEncoder(vae, device, batch_size, compile=compile)
+    return ChunkEncoder(settings, encoder, work, journal).encode(samples, plans, claim=claim, on_chunk=on_chunk,
+                                                                bucket_rows=bucket_rows)
 
 
 # --------------------------------------------------------------------------------- several GPUs
@@ -323,19 +399,30 @@ def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module
 class WorkerJob:
     samples_path: str
     plans: list[ChunkPlan]  # every plan, largest first; participants claim them one by one
-    claims: str  # folder of claim files (tasks.common.shard_workers.claim)
+    claims: str  # folder of claim files (tasks.common.claims.claim)
     model: str
     cache_dir: str
-    backend: Backend
-    batch_size: int
-    compile: bool
-    store_std: bool
     work: str
-    threads: int
-    device: str = "cuda"  # "cuda": participant r uses GPU r; "cpu": every participant on the CPU
-    compile_min_images: int = 0
+    settings: EncodeSettings  # each participant's loop (threads: its share of the host's)
+    device: str = "cuda"  # "cuda": each participant on its own GPU; "cpu": every participant on the CPU
     bucket_rows: dict | None = None  # rows per bucket over the whole stage (compile choices)
     started_at: float = 0.0  # time.time() when run_sharded spawned the participants
+
+    def save(self, path: Path) -> None:
+        """As JSON for the spawned participants (bucket keys are tuples: stored as [w, h, rows])."""
+        data = {**self.__dict__, "plans": [dataclasses.asdict(p) for p in self.plans],
+                "settings": dataclasses.asdict(self.settings),
+                "bucket_rows": [[*b, n] for b, n in self.bucket_rows.items()] if self.bucket_rows else None}
+        path.write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: Path) -> WorkerJob:
+        data = json.loads(path.read_text())
+        data["plans"] = [ChunkPlan(**{**p, "bucket": tuple(p["bucket"])}) for p in data["plans"]]
+        data["settings"] = EncodeSettings(**data["settings"])
+        if data["bucket_rows"] is not None:
+            data["bucket_rows"] = {(w, h): n for w, h, n in data["bucket_rows"]}
+        return cls(**data)
 
 
 def load_vae(model: str, cache_dir: Path):
@@ -346,23 +433,20 @@ def load_vae(model: str, cache_dir: Path):
     return load_sd15(source, components=("vae",), dtype=torch.float32, device="cpu", cache_dir=cache_dir).vae
 
 
-def _participant_device(rank: int, job: WorkerJob) -> torch.device:
-    if job.device == "cuda":
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
+def _participant_device(job: WorkerJob) -> torch.device:
+    if job.device == "cuda":  # this process's first GPU; a spawned participant sees only its own
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
     return torch.device("cpu")  # CPU participants: only for tests of the sharing itself
 
 
 def _run_participant(rank: int, job: WorkerJob, samples: pa.Table, vae: torch.nn.Module,
                      on_chunk: ChunkDone | None = None) -> LoopStats:
-    from tasks.common.shard_workers import claim
-
-    claims = Path(job.claims)
-    return cache_chunks(samples, job.plans, vae, device=_participant_device(rank, job), backend=job.backend,
-                        batch_size=job.batch_size, compile=job.compile, store_std=job.store_std,
-                        work=Path(job.work), journal=Path(job.work) / f"_journal-{rank}.jsonl",
-                        threads=job.threads, on_chunk=on_chunk, compile_min_images=job.compile_min_images,
-                        claim=lambda i: claim(claims, i), bucket_rows=job.bucket_rows or bucket_sizes(job.plans))
+    claims, s = Path(job.claims), job.settings
+    encoder = LatentEncoder(vae, _participant_device(job), s.batch_size, compile=s.compile)
+    loop = ChunkEncoder(s, encoder, Path(job.work), Path(job.work) / f"_journal-{rank}.jsonl")
+    return loop.encode(samples, job.plans, claim=lambda i: claim(claims, i), on_chunk=on_chunk,
+                       bucket_rows=job.bucket_rows or bucket_sizes(job.plans))
 
 
 def _timeline(rank: int, job: WorkerJob, up: float | None, loaded: float | None, stats: LoopStats) -> dict:
@@ -378,10 +462,11 @@ def _timeline(rank: int, job: WorkerJob, up: float | None, loaded: float | None,
             "loop_images_per_s": round(stats.images / stats.seconds, 1) if stats.seconds else 0.0}
 
 
-def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
-    """A spawned participant: rank index + 1 (the calling process is rank 0)."""
+def participant_main(job_file: str, rank_text: str, result_dir: str) -> None:
+    """A spawned participant (rank >= 1; the calling process is rank 0), run through tasks.common.worker_entry."""
     up = time.time()
-    rank = index + 1
+    rank = int(rank_text)
+    job = WorkerJob.load(Path(job_file))
     if job.device == "cpu":
         torch.set_num_threads(1)
     progress = Path(result_dir, f"progress-{rank}.json")  # what a participant stopped mid-start-up got to
@@ -394,17 +479,6 @@ def _worker(index: int, job: WorkerJob, result_dir: str) -> None:
     stats.participants = [_timeline(rank, job, up, loaded, stats)]
     # atomic: a stop mid-write must not leave half a JSON under the name read back
     atomic_write_text(Path(result_dir, f"stats-{rank}.json"), json.dumps(stats.__dict__))
-
-
-def _stop(workers) -> None:
-    for proc in workers.processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in workers.processes:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 def _journal_stats(journal: Path) -> LoopStats:
@@ -423,20 +497,30 @@ def _journal_stats(journal: Path) -> LoopStats:
     return stats
 
 
+def _participant_devices(device: str, gpus: int) -> list[str]:
+    """What each participant may see: "cpu", or the GPU id (as CUDA_VISIBLE_DEVICES names it) of rank r."""
+    if device == "cpu":
+        return ["cpu"] * gpus
+    ids = visible_gpu_ids()
+    if len(ids) < gpus:
+        raise StageError(f"cache: {gpus} GPU participants asked for, but only {len(ids)} GPU(s) are visible; "
+                         "lower cache.gpus (0 = every visible GPU)")
+    return ids[:gpus]
+
+
 def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: Path, model: str, cache_dir: Path,
                 backend: Backend, batch_size: int, compile: bool, store_std: bool, threads: int,
                 device: str = "cuda", compile_min_images: int = 0, vae: torch.nn.Module | None = None,
                 on_chunk: ChunkDone | None = None,
                 bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
     """Every device takes part: this process on the first (it has its VAE already, so it starts at once),
-    one spawned process on each other. Plans are ordered largest first and each participant claims the
-    next free one as its reading reaches it, so a device that starts late (a spawned process imports
-    torch and loads its VAE first) or runs slower simply takes fewer chunks. Each participant journals
-    to its own file, so a kill of any of them resumes like the single-process loop."""
+    one spawned process on each other, seeing only its own GPU. Plans are ordered largest first and each
+    participant claims the next free one as its reading reaches it, so a device that starts late (a spawned
+    process imports torch and loads its VAE first) or runs slower simply takes fewer chunks. Each participant
+    journals to its own file, so a kill of any of them resumes like the single-process loop."""
     import shutil
 
-    import torch.multiprocessing as mp
-
+    devices = _participant_devices(device, gpus)
     samples_path = work / "_samples.parquet"
     pq.write_table(samples, samples_path)
     claims = work / "_claims"
@@ -446,27 +530,33 @@ def run_sharded(samples: pa.Table, plans: list[ChunkPlan], *, gpus: int, work: P
     shutil.rmtree(result_dir, ignore_errors=True)  # a killed run's figures are not this run's
     result_dir.mkdir()
     order = sorted(plans, key=lambda p: -(p.stop - p.start))
-    job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), backend, batch_size, compile,
-                    store_std, str(work), max(1, threads // gpus), device, compile_min_images, bucket_rows,
-                    started_at=time.time())
-    workers = mp.start_processes(_worker, args=(job, str(result_dir)), nprocs=gpus - 1, join=False,
-                                 start_method="spawn")
-    try:
+    settings = EncodeSettings(backend, batch_size, compile, store_std, max(1, threads // gpus), compile_min_images)
+    job = WorkerJob(str(samples_path), order, str(claims), model, str(cache_dir), str(work), settings, device,
+                    bucket_rows, started_at=time.time())
+    job_file = result_dir / "job.json"
+    job.save(job_file)
+
+    def all_written(worker: Worker) -> bool:
+        # Every chunk written: a participant still starting up has nothing left to claim, so it is stopped
+        # rather than waited for (it holds no claim; its stats come from its journal).
+        done = read_journal(work)
+        return all(is_done(p, done) for p in order)
+
+    supervisor = Supervisor(on_line=lambda w, line: log.info("[cache %s] %s", w.label, line))
+    with supervisor:  # this process failing or cancelled: no orphans
+        for rank in range(1, gpus):
+            label = f"participant {rank} on {'cpu' if devices[rank] == 'cpu' else 'gpu' + devices[rank]}"
+            supervisor.start(f"cache {label}", python_call("tasks.cache.pipeline:participant_main", str(job_file),
+                                                           str(rank), str(result_dir)),
+                             env=child_env(devices[rank]), label=label)
+        relay = supervisor.relay_in_background("cache-relay")
         up = time.time()
         vae = vae if vae is not None else load_vae(model, cache_dir)
         loaded = time.time()
         total = _run_participant(0, job, samples, vae, on_chunk)
         total.participants = [_timeline(0, job, up, loaded, total)]
-        while not workers.join(timeout=0.5):
-            # Every chunk written: a participant still starting up has nothing left to claim, so it is
-            # stopped rather than waited for (it holds no claim; its stats come from its journal).
-            done = read_journal(work)
-            if all(is_done(p, done) for p in order):
-                _stop(workers)
-                break
-    except BaseException:
-        _stop(workers)  # this process failed or was cancelled: no orphans
-        raise
+        supervisor.wait(relay, all_written)
+    supervisor.check()
     for rank in range(1, gpus):
         stats_file = result_dir / f"stats-{rank}.json"
         if stats_file.exists():

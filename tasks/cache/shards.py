@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,15 @@ import pyarrow.parquet as pq
 
 from data_contracts.errors import StageError
 from data_contracts.fingerprint import sha256_file
-from pipeline_config.schema import PipelineConfig
 from tasks.cache.chunks import ChunkPlan, is_done, read_journal
 from tasks.cache.encode import LatentEncoder, resolve_device
 from tasks.cache.inputs import localize
-from tasks.cache.pipeline import LoopStats, bucket_sizes, cache_chunks, load_vae
+from tasks.cache.pipeline import ChunkEncoder, LoopStats, bucket_sizes, load_vae
 from tasks.cache.planning import chunk_plans, model_identity, plan_samples, vae_shape
+from tasks.common.process_cache import ProcessCache
 from tasks.common.stage import StageContext
 
 SAMPLES = "_shard-samples.parquet"
-
-
-def sharded(cfg: PipelineConfig) -> bool:
-    """Chunks are spread over the task runner's workers only under Dask or Ray."""
-    return cfg.runtime.task_runner in ("dask", "ray")
 
 
 def _journal_rel(k: int) -> str:
@@ -95,8 +89,9 @@ def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bo
 
 
 def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
-    """The chunks still to write, one shard each, largest first (none unless the runner is Dask or Ray)."""
-    if not sharded(ctx.cfg):
+    """The chunks still to write, one shard each, largest first (none unless the stage is sharded over a
+    cluster runner's workers: StageContext.sharded)."""
+    if not ctx.sharded:
         return []
     planned = plan_samples(ctx)
     tmp = ctx.work / f".{SAMPLES}.tmp"
@@ -112,27 +107,26 @@ def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
 
 
 # One worker process runs many shards of one stage run: read the samples and load the VAE once per process.
-_LOCK = threading.Lock()
-_STATE: dict[tuple, tuple[pa.Table, list[ChunkPlan], Any]] = {}
+_STATE: ProcessCache[tuple[pa.Table, list[ChunkPlan], LatentEncoder]] = ProcessCache("cache shard samples + VAE")
 
 
 def _worker_state(ctx: StageContext) -> tuple[pa.Table, list[ChunkPlan], LatentEncoder]:
+    runtime = ctx.cfg.runtime
+    return _STATE.get((ctx.store.root_url, ctx.fingerprint, runtime.device), lambda: _load_state(ctx))
+
+
+def _load_state(ctx: StageContext) -> tuple[pa.Table, list[ChunkPlan], LatentEncoder]:
     cfg, runtime = ctx.section, ctx.cfg.runtime
-    key = (ctx.store.root_url, ctx.fingerprint, runtime.device)
-    with _LOCK:
-        if key not in _STATE:
-            path = ctx.store.work_get(ctx.stage, ctx.fingerprint, SAMPLES)
-            if path is None:
-                raise StageError(f"cache: the shards' samples file {SAMPLES} is missing; rerun `fm run cache`")
-            samples = pq.read_table(path)
-            channels, downscale, _ = vae_shape(model_identity(ctx.cfg)[0])
-            plans = chunk_plans(samples, cfg, channels, downscale)
-            device = resolve_device(runtime.device)
-            encoder = LatentEncoder(load_vae(cfg.model, Path(runtime.cache_dir)), device, cfg.batch_size,
-                                    compile=cfg.compile)
-            _STATE.clear()
-            _STATE[key] = (samples, plans, encoder)
-        return _STATE[key]
+    path = ctx.store.work_get(ctx.stage, ctx.fingerprint, SAMPLES)
+    if path is None:
+        raise StageError(f"cache: the shards' samples file {SAMPLES} is missing; rerun `fm run cache`")
+    samples = pq.read_table(path)
+    channels, downscale, _ = vae_shape(model_identity(ctx.cfg)[0])
+    plans = chunk_plans(samples, cfg, channels, downscale)
+    device = resolve_device(runtime.device)
+    encoder = LatentEncoder(load_vae(cfg.model, Path(runtime.cache_dir)), device, cfg.batch_size,
+                            compile=cfg.compile)
+    return samples, plans, encoder
 
 
 def _summary(k: int, entry: dict, started: float, stats: LoopStats | None, device: str) -> dict[str, Any]:
@@ -156,13 +150,10 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     cfg, runtime = ctx.section, ctx.cfg.runtime
     plan = plans[k]
     part = localize(ctx.store, samples.slice(plan.start, plan.stop - plan.start))
-    backend = cfg.decode if cfg.decode != "auto" else ("torch" if encoder.device.type == "cuda" else "pil")
-    journal = ctx.work / _journal_rel(k)
-    stats = cache_chunks(part, [dataclasses.replace(plan, start=0, stop=part.num_rows)], encoder.vae,
-                         device=encoder.device, backend=backend, batch_size=cfg.batch_size, compile=cfg.compile,
-                         store_std=cfg.store_std, work=ctx.work, journal=journal,
-                         threads=max(1, runtime.max_workers), encoder=encoder,
-                         compile_min_images=cfg.compile_min_images, bucket_rows=bucket_sizes(plans))
+    loop = ChunkEncoder.from_section(cfg, encoder, encoder.device, threads=runtime.max_workers, work=ctx.work,
+                                     journal=ctx.work / _journal_rel(k))
+    stats = loop.encode(part, [dataclasses.replace(plan, start=0, stop=part.num_rows)],
+                        bucket_rows=bucket_sizes(plans))
     entry = _entry(ctx, k, plan.path, plan.key, just_written=True)  # write_chunk hashed it: no second read
     if entry is None:
         raise StageError(f"cache shard {k}: {plan.path} was not journalled")
@@ -205,5 +196,4 @@ def remove_inputs(ctx: StageContext) -> None:
     """The samples file is the shards' input, not part of the output; a VAE this process kept for
     shards run here is let go."""
     (ctx.work / SAMPLES).unlink(missing_ok=True)
-    with _LOCK:
-        _STATE.clear()
+    _STATE.clear()

@@ -31,7 +31,7 @@ from tasks.cache import shards
 from tasks.cache.chunks import clean_temp, is_done, read_journal
 from tasks.cache.encode import resolve_device
 from tasks.cache.inputs import localize
-from tasks.cache.pipeline import LoopStats, bucket_sizes, cache_chunks, load_vae, run_sharded
+from tasks.cache.pipeline import ChunkEncoder, LoopStats, bucket_sizes, decode_backend, load_vae, run_sharded
 from tasks.cache.planning import fingerprint_extra, plan_samples
 from tasks.cache.visuals import (
     decode_check,
@@ -78,13 +78,13 @@ def build(ctx: StageContext) -> StageResult:
     vae_id, tok_id, scaling = planned.vae_id, planned.tok_id, planned.scaling
     channels, downscale = planned.channels, planned.downscale
     # Chunks the runner's workers wrote (on object storage they may stay on the store: see shards.py)
-    elsewhere = shards.published_entries(ctx, plans) if shards.sharded(ctx.cfg) else {}
+    elsewhere = shards.published_entries(ctx, plans) if ctx.sharded else {}
 
     clean_temp(ctx.work)
     done = {**read_journal(ctx.work), **elsewhere}  # the shards' entries as published_entries checked them
     todo = [p for p in plans if not is_done(p, done)]
     device = resolve_device(runtime.device)
-    backend = cfg.decode if cfg.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
+    backend = decode_backend(cfg.decode, device)
     gpus = (cfg.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
     gpus = max(1, min(gpus, torch.cuda.device_count() if device.type == "cuda" else 1, len(todo) or 1))
     ctx.log.info("cache: %d samples, %d chunks planned, %d to do, device %s x%d, %s decode",
@@ -107,13 +107,12 @@ def build(ctx: StageContext) -> StageResult:
                            compile_min_images=cfg.compile_min_images, vae=vae, on_chunk=on_chunk,
                            bucket_rows=bucket_sizes(plans))
     elif todo:
-        loop = cache_chunks(samples, todo, vae, device=device, backend=backend, batch_size=cfg.batch_size,
-                            compile=cfg.compile, store_std=cfg.store_std, work=ctx.work,
-                            journal=ctx.work / "_journal-0.jsonl", threads=max(1, runtime.max_workers),
-                            on_chunk=on_chunk, compile_min_images=cfg.compile_min_images,
-                            bucket_rows=bucket_sizes(plans))  # compile choices as in an uninterrupted run
+        encoder = ChunkEncoder.from_section(cfg, vae, device, threads=runtime.max_workers, work=ctx.work,
+                                            journal=ctx.work / "_journal-0.jsonl")
+        loop = encoder.encode(samples, todo, on_chunk=on_chunk,
+                              bucket_rows=bucket_sizes(plans))  # compile choices as in an uninterrupted run
 
-    if shards.sharded(ctx.cfg):
+    if ctx.sharded:
         loop = shards.merge_stats(ctx.shard_results, loop)
     shards.remove_inputs(ctx)
     done = {**read_journal(ctx.work), **elsewhere}

@@ -64,6 +64,10 @@ class StageContext:
     log: logging.Logger
     progress: ProgressFn
     shard_results: list[dict[str, Any]] = field(default_factory=list)
+    # The caller spreads this stage's shards over a cluster runner's workers (Dask, Ray): stages that shard
+    # only for a cluster (ingest's downloads, cache's chunks) plan shards and merge them then. The flow
+    # decides it from its runner; stage code never asks which runner is configured.
+    sharded: bool = False
 
     @property
     def section(self) -> Any:
@@ -161,8 +165,10 @@ def prepare_stage(
     force: bool = False,
     progress: ProgressFn = _noop_progress,
     log: logging.Logger | None = None,
+    sharded: bool = False,
 ) -> PreparedStage:
-    """Resolve upstream outputs and the fingerprint; reuse a complete output or open the work folder."""
+    """Resolve upstream outputs and the fingerprint; reuse a complete output or open the work folder.
+    `sharded`: see StageContext.sharded."""
     log = log or logging.getLogger(f"booruflow.{spec.name}")
     started = time.monotonic()
     upstream = upstream_manifests(spec, store)
@@ -173,11 +179,12 @@ def prepare_stage(
         store.set_current(spec.name, fp)
         log.info("%s: cached output %s", spec.name, fp)
         outcome = StageOutcome(manifest, True, load_report(store, manifest), store.output_url(spec.name, fp), 0.0)
-        ctx = StageContext(spec.name, cfg, store, upstream, store.work_dir(spec.name, fp), fp, log, progress)
+        ctx = StageContext(spec.name, cfg, store, upstream, store.work_dir(spec.name, fp), fp, log, progress,
+                           sharded=sharded)
         return PreparedStage(spec, ctx, started, outcome)
     work = store.begin(spec.name, fp, resume=spec.resumable and not force)
     log.info("%s: building %s in %s", spec.name, fp, work)
-    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, progress)
+    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, progress, sharded=sharded)
     return PreparedStage(spec, ctx, started, None, force)
 
 
@@ -189,6 +196,7 @@ def reopen_stage(
     *,
     log: logging.Logger | None = None,
     force: bool = False,
+    sharded: bool = False,
 ) -> PreparedStage:
     """The context of a stage prepared elsewhere (another task or worker): same work folder, no wipe."""
     log = log or logging.getLogger(f"booruflow.{spec.name}")
@@ -200,7 +208,7 @@ def reopen_stage(
         )
     work = store.work_dir(spec.name, fp)
     work.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, _noop_progress)
+    ctx = StageContext(spec.name, cfg, store, upstream, work, fp, log, _noop_progress, sharded=sharded)
     return PreparedStage(spec, ctx, time.monotonic(), None, force)
 
 
@@ -252,16 +260,18 @@ def run_stage(
     force: bool = False,
     progress: ProgressFn = _noop_progress,
     log: logging.Logger | None = None,
+    sharded: bool = False,
 ) -> StageOutcome:
     """Run one stage start to finish in this process (shards, if any, one after another), holding the
-    stage's lock on the data root (a second run waits for it)."""
+    stage's lock on the data root (a second run waits for it). `sharded`: plan and merge the stage as a
+    cluster runner would (StageContext.sharded), its shards run here."""
     with StageLock(store, spec.name, log=log or logging.getLogger(f"booruflow.{spec.name}")):
-        return _run_stage_locked(spec, cfg, store, force=force, progress=progress, log=log)
+        return _run_stage_locked(spec, cfg, store, force=force, progress=progress, log=log, sharded=sharded)
 
 
 def _run_stage_locked(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore, *, force: bool,
-                      progress: ProgressFn, log: logging.Logger | None) -> StageOutcome:
-    prepared = prepare_stage(spec, cfg, store, force=force, progress=progress, log=log)
+                      progress: ProgressFn, log: logging.Logger | None, sharded: bool) -> StageOutcome:
+    prepared = prepare_stage(spec, cfg, store, force=force, progress=progress, log=log, sharded=sharded)
     shards = plan_shards(prepared)
     slots = worker_slots(prepared, len(shards))
     if slots:
@@ -274,7 +284,8 @@ def _run_stage_locked(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore
         # This process takes part on the first slot's device (its model loads at once); workers take the rest.
         results = run_in_workers(spec.name, cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards,
                                  slots[1:], log=prepared.ctx.log, on_shard=on_shard,
-                                 local=lambda shard: spec.run_shard(prepared.ctx, shard))  # type: ignore[misc]
+                                 local=lambda shard: spec.run_shard(prepared.ctx, shard),  # type: ignore[misc]
+                                 sharded=sharded)
         return finish_stage(prepared, results)
     results = []
     for i, shard in enumerate(shards):

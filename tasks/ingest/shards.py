@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -26,6 +25,7 @@ from data_contracts.errors import ConfigError, StageError
 from data_contracts.store import atomic_write_text
 from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
 from pipeline_config.schema import PipelineConfig
+from tasks.common.process_cache import ProcessCache
 from tasks.common.stage import StageContext
 from tasks.ingest.api import resolve_credentials
 from tasks.ingest.crawl import (
@@ -49,11 +49,6 @@ from tasks.ingest.parse import Post
 
 JOURNAL_DIR = "journal"
 CRAWL_STATS = f"{JOURNAL_DIR}/crawl.json"  # the metadata pass's figures, for the merge's report
-
-
-def sharded(cfg: PipelineConfig) -> bool:
-    """Downloads are spread over the task runner's workers only under Dask or Ray."""
-    return cfg.runtime.task_runner in ("dask", "ray")
 
 
 def check_queries(cfg: IngestConfig) -> None:
@@ -150,8 +145,9 @@ def _shard_posts(ctx: StageContext) -> Iterator[tuple[int, list[Post]]]:
 
 
 def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
-    """Crawl, then list the download shards not done yet (none unless the runner is Dask or Ray)."""
-    if not sharded(ctx.cfg):
+    """Crawl, then list the download shards not done yet (none unless the stage is sharded over a cluster
+    runner's workers: StageContext.sharded)."""
+    if not ctx.sharded:
         return []
     crawl(ctx)
     shards = []
@@ -236,18 +232,12 @@ def _publish(ctx: StageContext, downloads_rel: str, done_rel: str) -> None:
 
 
 # A worker runs many shards of one dump: index its tar files once per process, not once per shard.
-_IMAGES_LOCK = threading.Lock()
-_IMAGES: dict[tuple, Any] = {}
+_IMAGES: ProcessCache[Any] = ProcessCache("ingest dump image index")
 
 
 def _dump_images(cfg: IngestConfig):
-    key = (cfg.dump.posts_path, cfg.dump.images_path)
-    with _IMAGES_LOCK:
-        if key not in _IMAGES:
-            _, root = metadata_files(cfg.dump)
-            _IMAGES.clear()
-            _IMAGES[key] = image_source(cfg.dump, root)
-        return _IMAGES[key]
+    return _IMAGES.get((cfg.dump.posts_path, cfg.dump.images_path),
+                       lambda: image_source(cfg.dump, metadata_files(cfg.dump)[1]))
 
 
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:

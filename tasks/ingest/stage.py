@@ -30,7 +30,7 @@ from tasks.ingest.dump_reader import import_dump, metadata_files
 from tasks.ingest.embedded import api_endpoint, generator_version
 from tasks.ingest.journal import Journal
 from tasks.ingest.ledger import Ledger
-from tasks.ingest.shards import JOURNAL_DIR, check_queries, sharded, source_description
+from tasks.ingest.shards import JOURNAL_DIR, check_queries, source_description
 from tasks.ingest.visuals import (
     make_character_sheets,
     make_rejects_sheet,
@@ -52,7 +52,7 @@ def build(ctx: StageContext) -> StageResult:
     source_desc = source_description(cfg)
     # Under Dask/Ray the downloads ran as shards on the runner's workers: their journals are the input.
     attempts = count_attempt(ctx.work / JOURNAL_DIR)
-    run_stats = shards.complete(ctx) if sharded(ctx.cfg) else None
+    run_stats = shards.complete(ctx) if ctx.sharded else None
     ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan))
     try:
         if run_stats is None:

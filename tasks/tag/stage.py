@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +29,9 @@ from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
 from data_contracts.store import ArtifactStore, atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
-from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
+from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.tag.backends import choose_backend, load_backend, resolve_device
 from tasks.tag.gpu_pipeline import BatchResult, run_pipeline
 from tasks.tag.cpu_pipeline import run_cpu_pipeline
@@ -112,38 +112,36 @@ def _shard_rels(k: int) -> tuple[str, str, str]:
 
 
 # One worker process runs many shards of one stage run: read the posts and load the tagger once per
-# process (one entry each, keyed by what decides them; the fingerprint covers the model files).
-_CACHE_LOCK = threading.Lock()
-_POSTS: dict[tuple, pa.Table] = {}
-_TAGGERS: dict[tuple[str, str], tuple[TaggerFolder, str, Any]] = {}
+# process (keyed by what decides them; the fingerprint covers the model files).
+_POSTS: ProcessCache[pa.Table] = ProcessCache("tag posts")
+_FOLDERS: ProcessCache[tuple[TaggerFolder, str]] = ProcessCache("tag model folder + backend kind")
+_BACKENDS: ProcessCache[Any] = ProcessCache("tag loaded backend")
 
 
 def _posts(ctx: StageContext) -> pa.Table:
     manifest = ctx.upstream["ingest"]
     # Keyed by content (a forced re-crawl may keep the fingerprint and change the posts).
     key = (ctx.store.root_url, manifest.fingerprint, tuple(manifest.file(r).sha256 for r in posts_files(manifest)))
-    with _CACHE_LOCK:
-        if key not in _POSTS:
-            _POSTS.clear()
-            _POSTS[key] = read_posts(ctx.store, manifest)
-        return _POSTS[key]
+    return _POSTS.get(key, lambda: read_posts(ctx.store, manifest))
 
 
 def _tagger(ctx: StageContext, load: bool = True) -> tuple[TaggerFolder, str, Any]:
-    """(folder, backend kind, loaded backend or None)."""
+    """(folder, backend kind, loaded backend; None when not `load` and not loaded in this process yet)."""
     cfg = ctx.section
     key = (ctx.fingerprint, str(ctx.cfg.runtime.cache_dir))
-    with _CACHE_LOCK:
-        hit = _TAGGERS.get(key)
-        if hit is None or (load and hit[2] is None):
-            folder = hit[0] if hit else resolve_model(cfg.model, Path(ctx.cfg.runtime.cache_dir))
-            kind = hit[1] if hit else choose_backend(folder, cfg.backend, cfg.device)
-            backend = load_backend(folder, kind, cfg.device, cfg.compile) if load else None
-            if backend is not None:
-                ctx.log.info("tag: %s backend on %s, input %d px", backend.name, backend.device, backend.input_size)
-            _TAGGERS.clear()
-            hit = _TAGGERS[key] = (folder, kind, backend)
-        return hit
+
+    def find() -> tuple[TaggerFolder, str]:
+        folder = resolve_model(cfg.model, Path(ctx.cfg.runtime.cache_dir))
+        return folder, choose_backend(folder, cfg.backend, cfg.device)
+
+    folder, kind = _FOLDERS.get(key, find)
+
+    def load_it() -> Any:
+        backend = load_backend(folder, kind, cfg.device, cfg.compile)
+        ctx.log.info("tag: %s backend on %s, input %d px", backend.name, backend.device, backend.input_size)
+        return backend
+
+    return folder, kind, _BACKENDS.get(key, load_it) if load else _BACKENDS.peek(key)
 
 
 def _shard_of(posts: pa.Table, k: int, size: int) -> dict[str, Any]:

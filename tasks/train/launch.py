@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from data_contracts.errors import StageError
+from tasks.common.workers import REPO_ROOT, Supervisor, child_env
 from tasks.train.loop import EVENT_PREFIX, RunSpec, run_training, use_cpu
-from tasks.train.worker import EXIT_USER_ERROR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["REPO_ROOT", "accelerate_command", "cpu_threads_per_process", "duration", "event_line", "free_port",
+           "launch", "launch_accelerate", "plan_launch", "tensorboard_hint", "visible_gpus"]  # REPO_ROOT: for tests
 LineFn = Callable[[str], None]
 EventFn = Callable[[dict], None]
 
@@ -123,44 +121,17 @@ def accelerate_command(run_file: Path, num_processes: int, *, config_file: str |
 
 def launch_accelerate(run_file: Path, num_processes: int, *, on_line: LineFn, on_event: EventFn,
                       config_file: str | None = None, port: int | None = None, env: dict | None = None) -> None:
+    """Run `accelerate launch` and relay it here (rank 0's events to on_event, every other line to on_line).
+    Its whole process group goes down with a cancelled or failing caller; a training process that gave up
+    with a user error raises that error here, any other failure a StageError with the last lines."""
     cmd = accelerate_command(run_file, num_processes, config_file=config_file, port=port)
-    child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH")) if p)
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    child_env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared hosts)
     on_line("launching: " + " ".join(cmd))
-    tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=child_env, cwd=str(REPO_ROOT), start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            marker = line.find(EVENT_PREFIX)
-            if marker >= 0:
-                try:
-                    on_event(json.loads(line[marker + len(EVENT_PREFIX):]))
-                    continue
-                except json.JSONDecodeError:
-                    pass
-            tail.append(line)
-            on_line(line)
-        rc = proc.wait()
-    except BaseException:
-        # The flow was cancelled or the parent is going down: take the whole process group with us.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    if rc != 0:
-        last = "\n".join(tail)
-        user = rc == EXIT_USER_ERROR or any(l.startswith(("StageError:", "ConfigError:", "ContractError:")) for l in tail)
-        msg = next((l for l in reversed(tail) if l.startswith(("StageError:", "ConfigError:", "ContractError:"))), None)
-        if user and msg:
-            raise StageError(f"training failed: {msg.split(': ', 1)[1]}")
-        raise StageError(f"training processes exited with code {rc}; last output:\n{last}")
+    with Supervisor(on_line=lambda worker, line: on_line(line), on_event=lambda worker, event: on_event(event),
+                    event_prefix=EVENT_PREFIX) as supervisor:
+        # accelerate hands out the GPUs itself; NVLink multicast never (shared hosts)
+        supervisor.start("training processes", cmd, env=child_env(None, env, NCCL_NVLS_ENABLE="0"))
+        supervisor.relay()
+    supervisor.check(user_error="training failed: {message}")
 
 
 def launch(spec: RunSpec, run_file: Path, *, launcher: str, num_processes: int | None,

@@ -24,11 +24,6 @@ def _output(store: ArtifactStore, manifest) -> dict[str, bytes]:
     return {rel: (folder / rel).read_bytes() for rel in files}
 
 
-def _dask_cfg(root: Path, model_cache: Path):
-    cfg = cache_config(root, model_cache)
-    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"task_runner": "dask"})})
-
-
 def test_sharded_cache_writes_the_same_chunks_resumes_and_merges_unrun_shards(tmp_path, model_cache):
     ref_store = ArtifactStore(str(tmp_path / "ref"))
     up = make_upstream(ref_store, n=16)
@@ -36,8 +31,11 @@ def test_sharded_cache_writes_the_same_chunks_resumes_and_merges_unrun_shards(tm
 
     store = ArtifactStore(str(tmp_path / "run"))
     make_upstream(store, n=16)
-    cfg = _dask_cfg(tmp_path / "run", model_cache)
-    prepared = prepare_stage(SPEC, cfg, store)
+    # Sharded as the flow does under Dask/Ray: the context says so, whatever runner the config names.
+    cfg = cache_config(tmp_path / "run", model_cache)
+    assert cfg.runtime.task_runner == "thread"
+    assert plan_shards(prepare_stage(SPEC, cfg, store)) == []  # not sharded: the stage is one task
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     assert len(planned) >= 4
     assert [s["rows"] for s in planned] == sorted((s["rows"] for s in planned), reverse=True)  # largest first
@@ -48,7 +46,7 @@ def test_sharded_cache_writes_the_same_chunks_resumes_and_merges_unrun_shards(tm
     assert first["images"] > 0 and SPEC.run_shard(ctx, planned[0])["images"] == 0  # done: not encoded again
     # A kill after shard 1's chunk was renamed but before its journal line: the chunk is written again.
     (ctx.work / shards._journal_rel(planned[1]["index"])).write_text("")
-    replanned = plan_shards(prepare_stage(SPEC, cfg, store))
+    replanned = plan_shards(prepare_stage(SPEC, cfg, store, sharded=True))
     assert [s["index"] for s in replanned] == [s["index"] for s in planned[1:]]
     # Refused: a shard whose chunk does not match the samples it claims.
     with pytest.raises(StageError, match="does not match the samples"):

@@ -47,7 +47,7 @@ def test_sharded_api_ingest_equals_one_process_and_resumes_a_killed_shard(minibo
     minibooru_server.reset_stats()
     cfg = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=16)
     store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-    prepared = prepare_stage(SPEC, cfg, store)
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     n_taken = ref.manifest.stats["per_query"][0]["taken"] + ref.manifest.stats["per_query"][1]["taken"]
     assert len(planned) == -(-n_taken // 16) >= 4
@@ -66,7 +66,7 @@ def test_sharded_api_ingest_equals_one_process_and_resumes_a_killed_shard(minibo
 
     # The rerun plans the killed shard again with the rest, and crawls no page twice.
     pages_before = len(minibooru_server.stats.api_queries)
-    replanned = plan_shards(prepare_stage(SPEC, cfg, store))
+    replanned = plan_shards(prepare_stage(SPEC, cfg, store, sharded=True))
     assert len(minibooru_server.stats.api_queries) == pages_before
     assert [s["index"] for s in replanned] == [s["index"] for s in planned[1:]]
     resumed = SPEC.run_shard(ctx, replanned[0])
@@ -92,7 +92,7 @@ def test_sharded_dump_import_equals_one_process(minibooru, tmp_path):
     ref, _ = run(make_cfg(tmp_path / "ref", "embedded:minibooru", **tree))
     cfg = _sharded_cfg(tmp_path / "run", "embedded:minibooru", **tree, shard_posts=16)
     store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-    prepared = prepare_stage(SPEC, cfg, store)
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     assert len(planned) >= 2
     assert not any((Path(cfg.data_root) / "pool").rglob("*.jpg"))  # metadata first, files by shard
@@ -105,7 +105,7 @@ def test_sharded_dump_import_equals_one_process(minibooru, tmp_path):
 def test_a_shard_planned_on_another_crawl_is_refused(minibooru_server, tmp_path):
     cfg = _sharded_cfg(tmp_path, minibooru_server.url, **INGEST, shard_posts=16)
     store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-    prepared = prepare_stage(SPEC, cfg, store)
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     with pytest.raises(StageError, match="does not match the crawl"):
         SPEC.run_shard(prepared.ctx, {**planned[0], "first_id": planned[0]["first_id"] + 10**6})
@@ -123,16 +123,16 @@ def test_a_resume_with_other_shards_or_a_cut_journal_loses_no_post(minibooru_ser
     ref, _ = run(make_cfg(tmp_path / "ref", minibooru_server.url, **INGEST))
     cfg = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=16)
     store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-    prepared = prepare_stage(SPEC, cfg, store)
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     SPEC.run_shard(prepared.ctx, planned[0])
     SPEC.run_shard(prepared.ctx, planned[1])
     journal = prepared.ctx.work / shards._rels(1, 16)[1]
     journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:4]))  # the mark survives
-    assert [s["index"] for s in plan_shards(prepare_stage(SPEC, cfg, store))][:1] == [1]
+    assert [s["index"] for s in plan_shards(prepare_stage(SPEC, cfg, store, sharded=True))][:1] == [1]
 
     wider = _sharded_cfg(tmp_path / "run", minibooru_server.url, **INGEST, shard_posts=32)
-    prepared = prepare_stage(SPEC, wider, store)
+    prepared = prepare_stage(SPEC, wider, store, sharded=True)
     replanned = plan_shards(prepared)
     assert replanned[0]["index"] == 0 and replanned[0]["posts"] == 32  # shard-16-0's mark does not count
     done = SPEC.run_shard(prepared.ctx, replanned[0])
@@ -150,7 +150,7 @@ from tasks.common.stage import reopen_stage
 from tasks.ingest.stage import SPEC
 cfg = load_config(json.loads(sys.argv[1]))
 store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-ctx = reopen_stage(SPEC, cfg, store, sys.argv[2]).ctx
+ctx = reopen_stage(SPEC, cfg, store, sys.argv[2], sharded=True).ctx
 print(json.dumps(SPEC.run_shard(ctx, json.loads(sys.argv[3]))), flush=True)
 """
 
@@ -171,7 +171,7 @@ def test_kill_9_of_a_worker_mid_shard_then_the_retry_finishes_it(minibooru, mini
     cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"verify": cfg.ingest.verify.model_copy(
         update={"mode": "process"})})})
     store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
-    prepared = prepare_stage(SPEC, cfg, store)
+    prepared = prepare_stage(SPEC, cfg, store, sharded=True)
     planned = plan_shards(prepared)
     minibooru_server.reset_stats()
     minibooru_server.faults.slow_ids = {r["id"] for r in minibooru.load_posts()}

@@ -170,10 +170,10 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
 
     def on_two_machines(stage: str):
         spec = stage_spec(stage)
-        prepared = prepare_stage(spec, cfg, store)
+        prepared = prepare_stage(spec, cfg, store, sharded=True)  # as the flow under its Dask/Ray runner
         shards = plan_shards(prepared)
         assert len(shards) >= 2, stage
-        remote = reopen_stage(spec, cfg, worker, prepared.ctx.fingerprint).ctx
+        remote = reopen_stage(spec, cfg, worker, prepared.ctx.fingerprint, sharded=True).ctx
         results = [spec.run_shard(remote, shard) for shard in shards]
         if stage == "cache":
             results[0] = race_on_a_third_machine(spec, prepared, shards[0])
@@ -194,7 +194,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
             m.setattr(LatentEncoder, "__call__", lambda self, x, compiled=True: tuple(
                 t + 0.01 if i == 0 else t for i, t in enumerate(encode(self, x, compiled))))
             third = ArtifactStore(cfg.data_root, tmp_path / "third-cache", cfg.runtime.storage_options)
-            result = spec.run_shard(reopen_stage(spec, cfg, third, fp).ctx, shard)
+            result = spec.run_shard(reopen_stage(spec, cfg, third, fp, sharded=True).ctx, shard)
         cache_shards._STATE.clear()
         journal = fs.cat_file(f"{root}/cache/_work/{fp}/_journal-s{shard['index']:05d}.jsonl").decode()
         raced.update(json.loads(journal.splitlines()[-1]))

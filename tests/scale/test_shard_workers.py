@@ -13,7 +13,7 @@ from data_contracts.errors import ConfigError, StageError
 from data_contracts.store import ArtifactStore
 from data_contracts.tag import TagManifest
 from pipeline_config.load import load_config, section_dict
-from tasks.common import shard_workers
+from tasks.common import shard_workers, workers
 from tasks.common.shard_workers import WorkerSlot, claim, plan_slots, run_in_workers, worker_env
 from tasks.common.stage import finish_stage, plan_shards, prepare_stage, run_stage, worker_slots
 from tasks.ingest import stage as ingest_stage
@@ -169,7 +169,7 @@ def test_a_worker_still_starting_when_every_shard_is_taken_is_stopped(tmp_path, 
         started.append(popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(shard_workers.subprocess, "Popen", tracked)
+    monkeypatch.setattr(workers.subprocess, "Popen", tracked)
     t0 = time.monotonic()
     results = run_in_workers("tag", cfg.model_dump(mode="json"), prepared.ctx.fingerprint, shards,
                              [WorkerSlot("cpu")], log=logging.getLogger("test"),
