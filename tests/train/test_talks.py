@@ -11,7 +11,7 @@ import pytest
 from pipeline_config.load import load_config
 from tasks.common.stage import run_stage
 from tasks.train.launch import duration, event_line, launch_accelerate
-from tasks.train.loop import TALK_ENV, StepTalk
+from tasks.train.logs import TALK_ENV, StepTalk
 from tasks.train.stage import SPEC
 
 from .conftest import base_train, child_env, run_spec

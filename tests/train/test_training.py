@@ -3,6 +3,7 @@ NaNs the documented way."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,9 +116,9 @@ def test_a_nan_stop_names_the_checkpoint_from_before_the_first_bad_step(make_cac
                                                                          monkeypatch):
     """Steps 1-2 are finite, 3 on are not: with a checkpoint every step, step-3 is the newest at the stop,
     but it was saved after a non-finite step; the message must name step-2."""
-    import tasks.train.loop as loop
+    from tasks.train import parts
 
-    class NanFromStep3(loop.Engine):
+    class NanFromStep3(parts.Engine):
         micro = 0
 
         def micro_step(self, b):
@@ -126,7 +127,7 @@ def test_a_nan_stop_names_the_checkpoint_from_before_the_first_bad_step(make_cac
                 b.x0 = torch.full_like(b.x0, float("nan"))
             return super().micro_step(b)
 
-    monkeypatch.setattr(loop, "Engine", NanFromStep3)
+    monkeypatch.setattr(parts, "Engine", NanFromStep3)
     store, manifest = make_cache(n=16, buckets=((64, 64),))
     work = tmp_path / "work"
     with pytest.raises(StageError, match=r"training stopped at step 4: 2 optimiser steps in a row") as err:
@@ -141,7 +142,7 @@ def test_a_nan_stop_names_the_checkpoint_from_before_the_first_bad_step(make_cac
 
 
 def test_a_nan_stop_with_the_good_checkpoints_pruned_names_none(tmp_path):
-    from tasks.train.loop import nan_stop_message
+    from tasks.train.guard import nan_stop_message
 
     root = tmp_path / "checkpoints"
     for step in (5, 6):  # keep_last removed everything from before the bad run (it began at step 5)
