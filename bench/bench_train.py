@@ -123,9 +123,9 @@ def synthetic_batches(n: int, batch: int, latent: int | tuple[int, int], chunks:
     """`n` distinct micro-batches (rotated, so no cache effect from one buffer) on the CPU, pinned if CUDA.
     `latent`: side of square latents, or (height, width)."""
     lh, lw = (latent, latent) if isinstance(latent, int) else latent
+    from tasks.diffusion.objectives import Objective
     from tasks.models.text_encode import pack_batch
     from tasks.train.batches import StepBatch
-    from tasks.train.objective import Objective
 
     g = torch.Generator().manual_seed(seed)
     obj = Objective("flow", shift=2.0)
@@ -221,9 +221,15 @@ def build_ours(v: Variant, args, device: torch.device, accelerator=None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from tasks.train.engine import (Engine, configure_backends, ddp_whole_graph, make_optimizer, prepare_unet,
-                                    warmup_constant)
-    from tasks.train.objective import Objective
+    from tasks.diffusion.objectives import Objective
+    from tasks.train.engine import (
+        Engine,
+        configure_backends,
+        ddp_whole_graph,
+        make_optimizer,
+        prepare_unet,
+        warmup_constant,
+    )
 
     if accelerator is None:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -716,9 +722,14 @@ def reader_bench(args, device: torch.device, variant: str) -> dict:
     from accelerate.state import AcceleratorState
 
     from tasks.cache.reader import ChunkReader
+    from tasks.diffusion.objectives import Objective
     from tasks.train.batches import PromptOptions, prepare_batch
-    from tasks.train.engine import Engine, configure_backends, make_optimizer, prepare_unet
-    from tasks.train.objective import Objective
+    from tasks.train.engine import (
+        Engine,
+        configure_backends,
+        make_optimizer,
+        prepare_unet,
+    )
     from tasks.train.stream import Prefetcher, epoch_stream
 
     v = VARIANTS[variant]

@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from data_contracts.cache import SEGMENTS
+from tasks.diffusion.objectives import NoiseLevels, Objective
 from tasks.models.text_encode import pack_batch
 from tasks.models.vae import sample_latents
-from tasks.train.objective import NoiseLevels, Objective
 from tasks.train.prompts import COMMA_ID, prompt_ids, sample_generator
 
 HOLDOUT_SALT = "booruflow-val"

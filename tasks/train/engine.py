@@ -26,12 +26,19 @@ from typing import Any, Callable, Iterable
 import torch
 
 from data_contracts.errors import ConfigError
+from tasks.diffusion.objectives import Objective, weighted_mse
 from tasks.models.text_encode import final_layer_norm
 from tasks.train.batches import StepBatch
-from tasks.train.compile_cache import (DYNAMIC_HW_ATTR, compile_cache_key, compile_regions,
-                                       configure_dynamic_shapes, environment_identity, mark_latent_dynamic,
-                                       model_identity, use_compile_cache)
-from tasks.train.objective import Objective, weighted_mse
+from tasks.train.compile_cache import (
+    DYNAMIC_HW_ATTR,
+    compile_cache_key,
+    compile_regions,
+    configure_dynamic_shapes,
+    environment_identity,
+    mark_latent_dynamic,
+    model_identity,
+    use_compile_cache,
+)
 
 log = logging.getLogger("booruflow.train")
 

@@ -20,6 +20,7 @@ from data_contracts.cache import CacheManifest
 from data_contracts.errors import StageError
 from data_contracts.store import ArtifactStore
 from pipeline_config.train import TrainConfig
+from tasks.diffusion.objectives import Objective
 from tasks.train.batches import PromptOptions, StepBatch, prepare_batch
 from tasks.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from tasks.train.engine import (
@@ -34,7 +35,6 @@ from tasks.train.engine import (
 )
 from tasks.train.exporter import Exporter
 from tasks.train.logs import Emit, RunLog, open_run_log
-from tasks.train.objective import Objective
 from tasks.train.stream import Prefetcher, epoch_stream
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ import torch
 
 from data_contracts.cache import SEGMENTS, CacheManifest
 from data_contracts.store import ArtifactStore
+from tasks.diffusion.objectives import Objective, weighted_mse
 from tasks.train.batches import is_heldout, validation_batch
-from tasks.train.objective import Objective, weighted_mse
 
 _TOKEN_KINDS = ("tokens", "tokens_sep")
 _COLUMNS = ["id", "bucket_w", "bucket_h", "latent_mean"] + [f"{k}_{s}" for s in SEGMENTS for k in _TOKEN_KINDS]

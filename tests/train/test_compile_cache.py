@@ -6,9 +6,16 @@ import os
 import pytest
 import torch
 
-from tasks.train.compile_cache import (CACHE_SUBDIR, DYNAMIC_HW_ATTR, KEY_FILE, compile_cache_key,
-                                       configure_dynamic_shapes, environment_identity, model_identity,
-                                       use_compile_cache)
+from tasks.train.compile_cache import (
+    CACHE_SUBDIR,
+    DYNAMIC_HW_ATTR,
+    KEY_FILE,
+    compile_cache_key,
+    configure_dynamic_shapes,
+    environment_identity,
+    model_identity,
+    use_compile_cache,
+)
 
 
 @pytest.fixture
@@ -128,10 +135,10 @@ def _train(model_cache, strategy: str | None, steps: list[tuple[int, int]]) -> t
     from accelerate.state import AcceleratorState
     from torch._dynamo.utils import counters
 
+    from tasks.diffusion.objectives import Objective
     from tasks.models.text_encode import pack_batch
     from tasks.train.batches import StepBatch
     from tasks.train.engine import Engine, make_optimizer, prepare_unet
-    from tasks.train.objective import Objective
 
     torch._dynamo.reset()
     counters.clear()

@@ -6,9 +6,19 @@ import math
 import pytest
 import torch
 
-from tasks.train.objective import (Objective, cosmap_weight, ddpm_noisy, flow_denoised, flow_noisy, flow_target,
-                                   flow_timestep, sd15_alphas_cumprod, shift_sigma, sigma_from_uniform,
-                                   weighted_mse)
+from tasks.diffusion.objectives import (
+    Objective,
+    cosmap_weight,
+    ddpm_noisy,
+    flow_denoised,
+    flow_noisy,
+    flow_target,
+    flow_timestep,
+    sd15_alphas_cumprod,
+    shift_sigma,
+    sigma_from_uniform,
+    weighted_mse,
+)
 
 
 def test_shift_formula_hand_values():

@@ -37,12 +37,12 @@ def test_unet_gets_sigma_times_1000_and_the_flow_target(model_cache, tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from tasks.diffusion.objectives import Objective
     from tasks.models.load import load_sd15
     from tasks.models.sources import resolve_model_source
     from tasks.models.text_encode import pack_batch
     from tasks.train.batches import StepBatch
     from tasks.train.engine import Engine, make_optimizer
-    from tasks.train.objective import Objective
 
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True)
@@ -204,12 +204,12 @@ def test_cudagraph_bookkeeping_keeps_own_grad_buffers_with_the_same_update(model
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from tasks.diffusion.objectives import Objective
     from tasks.models.load import load_sd15
     from tasks.models.sources import resolve_model_source
     from tasks.models.text_encode import pack_batch
     from tasks.train.batches import StepBatch
     from tasks.train.engine import Engine, make_optimizer
-    from tasks.train.objective import Objective
 
     finals, buffers = [], []
     for cudagraphs in (False, True):
