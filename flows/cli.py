@@ -456,12 +456,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cache_dir = cache_dir or cfg.runtime.cache_dir
         grid = cfg.train.sampling
         defaults = {"width": grid.width, "height": grid.height, "steps": grid.steps, "cfg": grid.cfg_scale}
-        if any(v is None for v in given.values()):
-            print(f"sampling at {given['width'] or grid.width}x{given['height'] or grid.height}, "
-                  f"{given['steps'] or grid.steps} steps, cfg {given['cfg'] or grid.cfg_scale:g}: unset ones from "
-                  f"train.sampling of config {cfg.name} (--width/--height/--steps/--cfg to change)", file=sys.stderr)
     for key, value in given.items():
         setattr(args, key, defaults[key] if value is None else value)
+    if args.checkpoint == "current" and None in given.values():
+        print(f"sampling at {args.width}x{args.height}, {args.steps} steps, cfg {args.cfg:g}: unset ones from "
+              f"train.sampling of config {cfg.name} (--width/--height/--steps/--cfg to change)", file=sys.stderr)
     with Progress(transient=True) as bar:
         task = bar.add_task("sampling", total=None)
         paths = sample_main(
