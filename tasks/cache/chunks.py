@@ -9,7 +9,6 @@ commit), a journal line whose file is missing or of another size is ignored.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from data_contracts.cache import CHUNK_SCHEMA, ChunkInfo
 from data_contracts.errors import ContractError
+from tasks.common.journal import Journal, read_records
 
 CHUNKS_DIR = "chunks"
 JOURNAL_GLOB = "_journal*.jsonl"
@@ -86,11 +86,7 @@ def read_journal(work: Path) -> dict[str, dict]:
     """path -> journal entry, for entries whose file is still there with the journalled size."""
     done: dict[str, dict] = {}
     for jpath in sorted(work.glob(JOURNAL_GLOB)):
-        for line in jpath.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: that chunk is redone
+        for entry in read_records(jpath):  # a line cut by a kill ends the read: that chunk is redone
             f = work / entry["path"]
             if entry["rows"] == 0 or (f.is_file() and f.stat().st_size == entry["bytes"]):
                 done[entry["path"]] = entry
@@ -103,11 +99,9 @@ def is_done(plan: ChunkPlan, done: dict[str, dict]) -> bool:
 
 
 def append_journal(path: Path, entry: dict) -> None:
-    line = json.dumps(entry, separators=(",", ":")) + "\n"
-    with open(path, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Journal a written chunk (fsynced: a chunk costs seconds of GPU time to redo)."""
+    with Journal(path) as journal:  # opening cuts a torn line a kill left, so this record starts clean
+        journal.append(entry, sync=True)
 
 
 def clean_temp(work: Path) -> None:

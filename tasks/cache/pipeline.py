@@ -53,6 +53,7 @@ from tasks.cache.images import (
     uint8_to_pixels,
 )
 from tasks.common.claims import claim
+from tasks.common.journal import read_records
 from tasks.common.workers import (
     Supervisor,
     Worker,
@@ -485,11 +486,7 @@ def _journal_stats(journal: Path) -> LoopStats:
     """What a participant stopped before reporting wrote, from its journal (a resumed run's journal
     also holds the chunks of the run before: a report figure, never used to decide what is done)."""
     stats = LoopStats()
-    for line in journal.read_text().splitlines() if journal.exists() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for entry in read_records(journal):
         stats.chunks += 1
         stats.images += int(entry["rows"])
         stats.bytes += int(entry["bytes"])

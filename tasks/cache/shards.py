@@ -14,7 +14,6 @@ runner the stage is one task: this process plus one process per further local GP
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -31,6 +30,7 @@ from tasks.cache.encode import LatentEncoder, resolve_device
 from tasks.cache.inputs import localize
 from tasks.cache.pipeline import ChunkEncoder, LoopStats, bucket_sizes, load_vae
 from tasks.cache.planning import chunk_plans, model_identity, plan_samples, vae_shape
+from tasks.common.journal import read_records
 from tasks.common.process_cache import ProcessCache
 from tasks.common.stage import StageContext
 
@@ -66,11 +66,7 @@ def _read_entry(ctx: StageContext, k: int, plan_path: str, key: str, refresh: bo
     journal = ctx.store.work_get(ctx.stage, ctx.fingerprint, _journal_rel(k), refresh=refresh)
     if journal is None:
         return None
-    for line in journal.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # cut by a kill
+    for entry in read_records(journal):  # a line cut by a kill ends the read
         if entry.get("path") != plan_path or entry.get("key") != key:
             continue
         chunk = ctx.work / plan_path

@@ -13,14 +13,13 @@ only (no post bodies except the few pending downloads).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from tasks.ingest.filters import PostFilter, Reject
-from tasks.ingest.journal import Journal
+from tasks.common.journal import Journal, read_records
 from tasks.ingest.parse import ParseError, Post, parse_post, to_int
 from tasks.ingest.reasons import is_transient
 
@@ -58,16 +57,6 @@ def shard_download_journals(folder: Path) -> list[Path]:
 def is_final(record: Mapping[str, Any]) -> bool:
     """Whether a download record settles its post (journals of older versions also hold transient failures)."""
     return bool(record["ok"]) or not is_transient(str(record.get("reason", "")))
-
-
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """The complete records of a journal another process may still be appending to (read-only)."""
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.endswith(b"\n"):
-                return  # a torn last line: the writer was killed mid-record
-            if line.strip():
-                yield json.loads(line)
 
 
 class Ledger:
@@ -209,7 +198,7 @@ class Ledger:
         wins)."""
         yield from filter(is_final, self.downloads.records())
         for path in shard_download_journals(self.downloads.path.parent):
-            yield from filter(is_final, read_journal(path))
+            yield from filter(is_final, read_records(path))
 
     def close(self) -> None:
         self.pages.close()

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 from data_contracts.errors import ConfigError, StageError
 from data_contracts.store import atomic_write_text
 from pipeline_config.ingest import EMBEDDED_URL, IngestConfig
-from pipeline_config.schema import PipelineConfig
 from tasks.common.process_cache import ProcessCache
 from tasks.common.stage import StageContext
 from tasks.ingest.api import resolve_credentials
@@ -43,8 +42,8 @@ from tasks.ingest.dump_reader import (
     metadata_files,
 )
 from tasks.ingest.embedded import api_endpoint, served_by
-from tasks.ingest.journal import Journal
-from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, is_final, read_journal
+from tasks.common.journal import Journal, publish_done, read_done_mark, read_records, write_done_mark
+from tasks.ingest.ledger import SHARD_DOWNLOADS, Ledger, is_final
 from tasks.ingest.parse import Post
 
 JOURNAL_DIR = "journal"
@@ -92,11 +91,10 @@ def _journaled(ctx: StageContext, k: int, shard: dict[str, Any]) -> dict[str, An
     in its journal (fetched from the store when another machine ran it, fresh when the mark came from there)."""
     _, downloads_rel, done_rel = _rels(k, ctx.section.shard_posts)
     for refresh in (False, True) if not ctx.store.is_local else (False,):
-        done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel, refresh=refresh)
-        journal = done and ctx.store.work_get(ctx.stage, ctx.fingerprint, downloads_rel, refresh=refresh)
-        if done is None or journal is None:
+        summary = read_done_mark(ctx, done_rel, (downloads_rel,), refresh=refresh)
+        if summary is None:
             continue
-        summary = json.loads(done.read_text())
+        journal = ctx.work / downloads_rel  # read_done_mark fetched it when another machine wrote it
         same = all(summary.get(key) == shard[key] for key in ("first_id", "last_id", "posts"))
         if same and len(_outcomes(journal)) >= summary["posts"]:
             return summary
@@ -168,7 +166,7 @@ def plan_shards(ctx: StageContext) -> list[dict[str, Any]]:
 
 def _outcomes(path: Path) -> dict[int, bool]:
     """Post id -> ok of every complete record of a shard journal (a later record of an id wins)."""
-    return {int(r["id"]): bool(r["ok"]) for r in read_journal(path) if is_final(r)} if path.exists() else {}
+    return {int(r["id"]): bool(r["ok"]) for r in read_records(path) if is_final(r)}
 
 
 def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +176,7 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     posts_rel, downloads_rel, done_rel = _rels(k, cfg.shard_posts)
     done = _journaled(ctx, k, shard)
     if done is not None:
-        _publish(ctx, downloads_rel, done_rel)  # a kill may have come between the done mark and its upload
+        publish_done(ctx, done_rel, (downloads_rel,))  # a kill may have come between the mark and its upload
         return done
     login, api_key = _credentials(cfg) if cfg.source == "danbooru_api" else (None, None)
     if shard.get("authenticated") and not login:
@@ -220,15 +218,9 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
                "failed": sum(not outcomes[p.id] for p in posts), "first_id": shard["first_id"],
                "last_id": shard["last_id"], "resumed": len(posts) - len(todo), "run": stats,
                "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (for people)
-    atomic_write_text(ctx.work / done_rel, json.dumps(summary))
-    _publish(ctx, downloads_rel, done_rel)
+    write_done_mark(ctx, done_rel, summary, (downloads_rel,))
     ctx.log.info("ingest: shard %d: %d ok, %d failed", k, summary["ok"], summary["failed"])
     return summary
-
-
-def _publish(ctx: StageContext, downloads_rel: str, done_rel: str) -> None:
-    for rel in (downloads_rel, done_rel):  # the done mark last
-        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
 
 
 # A worker runs many shards of one dump: index its tar files once per process, not once per shard.

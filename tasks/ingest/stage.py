@@ -28,7 +28,7 @@ from tasks.ingest.assemble import assemble
 from tasks.ingest.crawl import crawl_api, query_plan, run_async, verify_workers
 from tasks.ingest.dump_reader import import_dump, metadata_files
 from tasks.ingest.embedded import api_endpoint, generator_version
-from tasks.ingest.journal import Journal
+from tasks.common.journal import Journal
 from tasks.ingest.ledger import Ledger
 from tasks.ingest.shards import JOURNAL_DIR, check_queries, source_description
 from tasks.ingest.visuals import (

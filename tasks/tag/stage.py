@@ -29,6 +29,7 @@ from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
 from data_contracts.store import ArtifactStore, atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
+from tasks.common.journal import read_done_mark, write_done_mark
 from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
@@ -158,13 +159,7 @@ def _n_shards(posts: pa.Table, size: int) -> int:
 def _journaled(ctx: StageContext, k: int) -> dict[str, Any] | None:
     """The summary of shard k when it is done (fetching its files when another machine ran it)."""
     tags_rel, rejects_rel, done_rel = _shard_rels(k)
-    done = ctx.store.work_get(ctx.stage, ctx.fingerprint, done_rel)
-    if done is None:
-        return None
-    for rel in (tags_rel, rejects_rel):  # published before the done mark
-        if ctx.store.work_get(ctx.stage, ctx.fingerprint, rel) is None:
-            return None
-    return json.loads(done.read_text())
+    return read_done_mark(ctx, done_rel, (tags_rel, rejects_rel))
 
 
 def _finished(ctx: StageContext) -> bool:
@@ -203,9 +198,7 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     tags_rel, rejects_rel, done_rel = _shard_rels(k)
     write_table(rows_to_table(rows, PARTIAL_SCHEMA), ctx.work / tags_rel, PARTIAL_SCHEMA)
     write_table(rows_to_table(rejects, REJECTS_SCHEMA), ctx.work / rejects_rel, REJECTS_SCHEMA)
-    atomic_write_text(ctx.work / done_rel, json.dumps(summary))
-    for rel in (tags_rel, rejects_rel, done_rel):  # the done mark last
-        ctx.store.work_put(ctx.stage, ctx.fingerprint, rel)
+    write_done_mark(ctx, done_rel, summary, (tags_rel, rejects_rel))
     ctx.log.info("tag: shard %d: %d tagged, %d rejected", k, len(rows), len(rejects))
     return summary
 
