@@ -3,7 +3,7 @@
 End to end, from JPEG files to finished output, at kohya's 512²-area buckets (17 buckets, nearest
 aspect ratio, resize to cover, centre crop), with the real SD1.5 VAE shape (random weights):
 
-  ours       tasks.cache.pipeline.cache_chunks: threads read the files, JPEG decoded on the GPU (nvJPEG,
+  ours       tasks.cache.pipeline.ChunkEncoder: threads read the files, JPEG decoded on the GPU (nvJPEG,
              batched), bicubic antialiased resize + crop on the GPU, bf16 encoder compiled with static
              shapes per bucket (torch.compile, compiled once per bucket before timing, compile time
              reported), cuDNN autotuning, latents copied back one batch late, Parquet chunks written and
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_contracts.cache import SEGMENTS  # noqa: E402
 from tasks.cache.chunks import plan_chunks  # noqa: E402
 from tasks.cache.encode import LatentEncoder, encode_dtype  # noqa: E402
-from tasks.cache.pipeline import cache_chunks, run_sharded  # noqa: E402
+from tasks.cache.pipeline import ChunkEncoder, EncodeSettings, run_sharded  # noqa: E402
 from tasks.models.configs import SD15_CONFIG_DIR  # noqa: E402
 
 FLOP_PER_IMAGE = 1.12e12  # SD VAE encoder at 512x512 (REFERENCE.md); buckets keep the pixel count ~512²
@@ -167,9 +167,8 @@ def run_ours(samples: pa.Table, encoder: LatentEncoder, device: torch.device, ba
              threads: int, backend: str, cpu_jpeg: bool) -> dict:
     plans = fresh_plans(samples, out)
     t0 = time.perf_counter()
-    stats = cache_chunks(samples, plans, encoder.vae, device=device, backend=backend, batch_size=batch,
-                         compile=encoder.compiled, store_std=True, work=out, journal=out / "_journal-0.jsonl",
-                         threads=threads, encoder=encoder, cpu_jpeg=cpu_jpeg)
+    settings = EncodeSettings(backend, batch, encoder.compiled, store_std=True, threads=threads, cpu_jpeg=cpu_jpeg)
+    stats = ChunkEncoder(settings, encoder, out, out / "_journal-0.jsonl").encode(samples, plans)
     sync(device)
     seconds = time.perf_counter() - t0
     written = sum(f.stat().st_size for f in out.rglob("*.parquet"))

@@ -379,21 +379,6 @@ class _Pass:
             self.on_chunk(plan, entry)
 
 
-def cache_chunks(samples: pa.Table, plans: list[ChunkPlan], vae: torch.nn.Module, *, device: torch.device,
-                 backend: Backend, batch_size: int, compile: bool, store_std: bool, work: Path,
-                 journal: Path, threads: int, on_chunk: ChunkDone | None = None,
-                 encoder: LatentEncoder | None = None, cpu_jpeg: bool = False,
-                 compile_min_images: int = 0, claim: Callable[[int], bool] | None = None,
-                 bucket_rows: dict[tuple[int, int], int] | None = None) -> LoopStats:
-    """ChunkEncoder as one call with every setting spelled out (bench/bench_cache.py)."""
-    if not plans:
-        return LoopStats()
-    settings = EncodeSettings(backend, batch_size, compile, store_std, threads, compile_min_images, cpu_jpeg)
-    encoder = encoder or LatentEncoder(vae, device, batch_size, compile=compile)
-    return ChunkEncoder(settings, encoder, work, journal).encode(samples, plans, claim=claim, on_chunk=on_chunk,
-                                                                bucket_rows=bucket_rows)
-
-
 # --------------------------------------------------------------------------------- several GPUs
 
 @dataclass

@@ -21,10 +21,11 @@ class ProcessCache(Generic[V]):
         self._key: object = _NOTHING
         self._value: V | None = None
 
-    def get(self, key: Hashable, load: Callable[[], V]) -> V:
-        """The value kept under `key`, loading it (once, whatever the threads) when the key is new."""
+    def get(self, key: Hashable, load: Callable[[], V], valid: Callable[[V], bool] | None = None) -> V:
+        """The value kept under `key`, loading it (once, whatever the threads) when the key is new, or when
+        `valid` says the kept value no longer holds (a folder it names was deleted, say)."""
         with self._lock:
-            if self._key != key:
+            if self._key != key or (valid is not None and not valid(self._value)):  # type: ignore[arg-type]
                 self._key, self._value = _NOTHING, None  # let the old value go before loading its successor
                 self._value = load()
                 self._key = key

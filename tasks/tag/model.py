@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_contracts.errors import ConfigError
+from tasks.common.process_cache import ProcessCache
 from tasks.tag.labels import Labels, load_labels
 
 LABELS_NAME = "selected_tags.csv"
@@ -97,8 +97,8 @@ def _hub_offline() -> bool:
         return True
 
 
-_HUB_FOLDERS: dict[tuple[str, str], Path] = {}  # (repo id, HF cache folder) -> snapshot folder, per process
-_HUB_LOCK = threading.Lock()
+# (repo id, HF cache folder) -> its snapshot folder: a run resolves a repo id once, not once per shard
+_HUB_FOLDERS: ProcessCache[Path] = ProcessCache("tagger snapshot folder of a Hugging Face repo id")
 
 
 def _has_tagger_files(path: Path) -> bool:
@@ -134,39 +134,41 @@ def _from_hub(repo_id: str, offline: bool | None) -> Path:
     a run resolves it once, not once per shard."""
     offline = _hub_offline() if offline is None else offline
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub  # noqa: F401 - present, or one clear message
     except ImportError as exc:  # pragma: no cover - transformers depends on it
         raise ConfigError(f"tag.model {repo_id!r} looks like a Hugging Face repo id, but huggingface_hub is not "
                           f"installed; set tag.model to {FOLDER_LAYOUT}") from exc
     cache = hub_cache_dir()
-    key = (repo_id, str(cache))
-    with _HUB_LOCK:
-        hit = _HUB_FOLDERS.get(key)
-        if hit is not None and _has_tagger_files(hit):
-            return hit
-        patterns = [LABELS_NAME, ONNX_NAME, WEIGHTS_NAME, CONFIG_NAME]
-        path = _cached_snapshot(repo_id, patterns)
-        if path is None:
-            expected = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "<revision>"
-            message = (f"tag.model {repo_id!r} looks like a Hugging Face repo id, but {{why}}. Expected the "
-                       f"tagger in the local Hugging Face cache ({expected}, with refs/main naming the revision; "
-                       f"HF_HUB_CACHE / HF_HOME move it; download it once where there is network access), or set tag.model to {FOLDER_LAYOUT}")
-            if offline:
-                raise ConfigError(message.format(
-                    why="this machine is offline (HF_HUB_OFFLINE) and the repo is not in the local cache"))
-            try:
-                path = Path(snapshot_download(repo_id, allow_patterns=patterns))
-            except Exception as exc:  # network errors, missing repo, gated repo: one actionable message
-                raise ConfigError(message.format(
-                    why=f"it is not in the local cache and could not be fetched ({type(exc).__name__}: "
-                        f"{str(exc)[:300]})")) from exc
-            if not _has_tagger_files(path):  # the Hub was unreachable and a partial snapshot came back
-                found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-                raise ConfigError(message.format(
-                    why=f"its snapshot {path} holds only {found} even after asking the Hub (unreachable, or the "
-                        "repo lacks the files)"))
-        _HUB_FOLDERS[key] = path
+    return _HUB_FOLDERS.get((repo_id, str(cache)), lambda: _find_snapshot(repo_id, cache, offline),
+                            valid=_has_tagger_files)
+
+
+def _find_snapshot(repo_id: str, cache: Path, offline: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = [LABELS_NAME, ONNX_NAME, WEIGHTS_NAME, CONFIG_NAME]
+    path = _cached_snapshot(repo_id, patterns)
+    if path is not None:
         return path
+    expected = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "<revision>"
+    message = (f"tag.model {repo_id!r} looks like a Hugging Face repo id, but {{why}}. Expected the "
+               f"tagger in the local Hugging Face cache ({expected}, with refs/main naming the revision; "
+               f"HF_HUB_CACHE / HF_HOME move it; download it once where there is network access), or set tag.model to {FOLDER_LAYOUT}")
+    if offline:
+        raise ConfigError(message.format(
+            why="this machine is offline (HF_HUB_OFFLINE) and the repo is not in the local cache"))
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # network errors, missing repo, gated repo: one actionable message
+        raise ConfigError(message.format(
+            why=f"it is not in the local cache and could not be fetched ({type(exc).__name__}: "
+                f"{str(exc)[:300]})")) from exc
+    if not _has_tagger_files(path):  # the Hub was unreachable and a partial snapshot came back
+        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise ConfigError(message.format(
+            why=f"its snapshot {path} holds only {found} even after asking the Hub (unreachable, or the "
+                "repo lacks the files)"))
+    return path
 
 
 def resolve_model(spec: str, cache_dir: Path, *, offline: bool | None = None) -> TaggerFolder:

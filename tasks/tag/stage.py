@@ -9,6 +9,9 @@ is still missing), computes the tag-rarity weights over the whole dataset, write
 rejects.parquet + summary.json + pictures, and only then removes the journal; a kill during that step
 redoes only that step. The shards' results do not depend on which worker ran them, so tags.parquet is
 the same bytes whatever the runner.
+
+The same shape as every stage (docs/adding_a_stage.md): the tagging itself and the report's numbers are
+plain functions in core.py, the pictures in visuals.py; this module holds the shard bookkeeping and `build`.
 """
 from __future__ import annotations
 
@@ -16,17 +19,16 @@ import json
 import os
 import shutil
 import socket
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_contracts.errors import ContractError, StageError
-from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
-from data_contracts.store import ArtifactStore, atomic_write_text
+from data_contracts.store import atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA
 from tasks.common.journal import read_done_mark, write_done_mark
@@ -34,13 +36,11 @@ from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.tag.backends import choose_backend, load_backend, resolve_device
-from tasks.tag.gpu_pipeline import BatchResult, run_pipeline
-from tasks.tag.cpu_pipeline import run_cpu_pipeline
+from tasks.tag.core import PARTIAL_SCHEMA, posts_files, read_posts, summarise, tag_shard
 from tasks.tag.merge import Merger, MergeRules
 from tasks.tag.model import TaggerFolder, resolve_model
-from tasks.tag.preprocess import pool_relative
-from tasks.tag.visuals import make_tag_sheets
-from tasks.tag.weights import compute_weights, weight_stats, weight_tables
+from tasks.tag.visuals import make_tag_sheets, sheet_ids
+from tasks.tag.weights import compute_weights
 
 CODE_VERSION = "3"  # 2: shards planned/run one by one (same tables), report pictures; 3: rejects say
 # image_missing (was missing_image) and name images by pool-relative path
@@ -48,61 +48,7 @@ JOURNAL = "journal"
 SUMMARY = "summary.json"
 TAGS_FILE = "tags.parquet"
 REJECTS_FILE = "rejects.parquet"
-PARTIAL_SCHEMA = pa.schema([f for f in TAGS_SCHEMA if f.name != "tag_weight"])
-POST_COLUMNS = ["id", "tags_general", "tags_character", "tags_copyright", "tags_artist", "image_path", "file_size"]
 SHEET_ITEMS = 24  # posts per picture
-
-
-# --- input ---------------------------------------------------------------------------------------
-def posts_files(manifest: IngestManifest) -> list[str]:
-    """The posts table of an ingest output: posts.parquet, or shards posts/*.parquet / posts-*.parquet."""
-    names = [f.path for f in manifest.files if f.path.endswith(".parquet") and
-             (f.path == "posts.parquet" or f.path.startswith(("posts/", "posts-", "posts_")))]
-    if not names:
-        raise ContractError(f"ingest {manifest.fingerprint}: manifest lists no posts.parquet; rerun `fm run ingest`")
-    return sorted(names)
-
-
-def read_posts(store: ArtifactStore, manifest: IngestManifest) -> pa.Table:
-    tables = []
-    for rel in posts_files(manifest):
-        where = f"ingest/{manifest.fingerprint}/{rel}"
-        tables.append(read_table(store.path(manifest, rel), POSTS_SCHEMA, where, columns=POST_COLUMNS))
-    table = pa.concat_tables(tables).sort_by("id")
-    if table.num_rows != len(pc.unique(table["id"])):
-        raise ContractError(f"ingest {manifest.fingerprint}: posts table repeats ids; rerun `fm run ingest --force`")
-    return table
-
-
-# --- tagging -------------------------------------------------------------------------------------
-def _batches(folder: TaggerFolder, cfg: Any, items: list[tuple[int, Path]], backend) -> Iterator[BatchResult]:
-    if backend.name == "torch" and backend.device == "cuda":
-        return run_pipeline(items, lambda x: backend.predict_tensor(x, normalised=True), backend.input_size,
-                            backend.device, batch_size=cfg.batch_size, workers=max(cfg.workers, 4),
-                            transform=backend.normalise)
-    return run_cpu_pipeline(items, backend.predict, backend.input_size, cfg.batch_size, cfg.workers)
-
-
-def tag_shard(posts: pa.Table, pool: Path, folder: TaggerFolder, cfg: Any, backend, merger: Merger
-              ) -> tuple[list[dict], list[dict]]:
-    ids = posts["id"].to_pylist()
-    general = dict(zip(ids, posts["tags_general"].to_pylist()))
-    character = dict(zip(ids, posts["tags_character"].to_pylist()))
-    rels = dict(zip(ids, posts["image_path"].to_pylist()))
-    items = [(i, pool / rel) for i, rel in rels.items()]
-    rows, rejects = [], []
-    for result in _batches(folder, cfg, items, backend):
-        for key, probs in zip(result.keys, result.probs):
-            if not np.all(np.isfinite(probs)):
-                rejects.append({"id": key, "reason": "tagger_nan", "detail": "the tagger returned NaN/inf"})
-                continue
-            rows.append({"id": key, **merger.merge(probs, general[key], character[key])})
-        for key, err in result.errors:
-            detail = pool_relative(err.detail, pool / rels[key], rels[key], pool)
-            rejects.append({"id": key, "reason": err.reason, "detail": detail[:500]})
-    rows.sort(key=lambda r: r["id"])
-    rejects.sort(key=lambda r: r["id"])
-    return rows, rejects
 
 
 # --- shards --------------------------------------------------------------------------------------
@@ -212,67 +158,6 @@ def shard_slots(ctx: StageContext, n_shards: int) -> list[WorkerSlot]:
     return plan_slots(cfg.processes, device, n_shards)
 
 
-# --- report --------------------------------------------------------------------------------------
-def _counter_rows(counter: Counter, key: str, top: int, extra: dict | None = None) -> list[dict]:
-    rows = []
-    for name, n in counter.most_common(top):
-        row = {key: name, "images": int(n)}
-        if extra is not None:
-            row["mean_prob"] = round(extra[name] / n, 4)
-        rows.append(row)
-    return rows
-
-
-def _report(tags: pa.Table, rejects: pa.Table, weights, weight_cfg, concepts, meta: dict) -> tuple[dict, StageReport]:
-    n = tags.num_rows
-    added, added_p, disputed, disputed_p = Counter(), defaultdict(float), Counter(), defaultdict(float)
-    for lst in tags["added"].to_pylist():
-        for d in lst:
-            added[d["tag"]] += 1
-            added_p[d["tag"]] += d["prob"]
-    for lst in tags["disputed"].to_pylist():
-        for d in lst:
-            disputed[d["tag"]] += 1
-            disputed_p[d["tag"]] += d["prob"]
-    ratings = Counter(tags["rating"].to_pylist())
-    reasons = Counter(rejects["reason"].to_pylist())
-    n_added = sum(added.values())
-    n_disputed = sum(disputed.values())
-    wstats = weight_stats(weights, weight_cfg.bounds)
-    stats = {
-        **meta,
-        "images_tagged": n,
-        "images_rejected": rejects.num_rows,
-        "reject_reasons": dict(reasons),
-        "added_per_image": n_added / max(n, 1),
-        "disputed_per_image": n_disputed / max(n, 1),
-        "rating_counts": dict(ratings),
-        "weight": wstats,
-    }
-    tables = {
-        "rating_counts": [{"rating": r, "images": int(ratings.get(r, 0))}
-                          for r in ("general", "sensitive", "questionable", "explicit")],
-        "top_added_tags": _counter_rows(added, "tag", 30, added_p),
-        "top_disputed_tags": _counter_rows(disputed, "tag", 30, disputed_p),
-        "reject_reasons": [{"reason": r, "images": int(c)} for r, c in reasons.most_common()],
-        **weight_tables(weights, concepts, weight_cfg.bounds, weight_cfg.report_top),
-    }
-    summary = (
-        f"### tag\n"
-        f"- tagger **{meta['model_name']}** ({meta['backend']} on {meta['device']}, input {meta['input_size']} px, "
-        f"{meta['labels']} labels, weights sha256 `{meta['model_identity'][:16]}`)\n"
-        f"- {n} images tagged, {rejects.num_rows} rejected ({', '.join(f'{r}: {c}' for r, c in reasons.items()) or 'none'})\n"
-        f"- tagger added {n_added / max(n, 1):.2f} tags per image; {n_disputed / max(n, 1):.2f} Danbooru tags "
-        f"per image disputed (prob < {meta['thresholds']['disagree_below']})\n"
-        f"- thresholds: {meta['thresholds']}\n"
-        f"- tag_weight ({weight_cfg.method}, bounds {list(weight_cfg.bounds)}): mean {wstats.get('mean', 1):.3f}, "
-        f"min {wstats.get('min', 1):.3f}, max {wstats.get('max', 1):.3f}, p50 {wstats.get('p50', 1):.3f}\n"
-    )
-    if str(meta["model_name"]).startswith("builtin:"):
-        summary += "- note: the built-in tiny tagger has random weights (demo); its added/disputed tags are not meaningful\n"
-    return stats, StageReport(summary_md=summary, tables=tables)
-
-
 # --- the stage -----------------------------------------------------------------------------------
 def _meta(ctx: StageContext, folder: TaggerFolder, kind: str, device: str, input_size: int) -> dict:
     from tasks.models.identity import file_identity  # lazy: tasks.models imports diffusers
@@ -295,27 +180,13 @@ def _meta(ctx: StageContext, folder: TaggerFolder, kind: str, device: str, input
     }
 
 
-def _sheet_ids(tags: pa.Table, seed: int) -> set[int]:
-    """The posts make_tag_sheets can show (the same `pick` over the same rows): fetched from object storage
-    before drawing. Were the two to drift apart, a tile would only show blank, never fail the stage."""
-    from tasks.common.visuals import pick
-
-    ids = tags["id"].to_numpy()
-    n_added = np.array([len(a or []) for a in tags["added"].to_pylist()])
-    n_disputed = np.array([len(d or []) for d in tags["disputed"].to_pylist()])
-    chosen: set[int] = set()
-    for rows in (np.flatnonzero((n_added > 0) | (n_disputed > 0)), np.flatnonzero(n_disputed > 0)):
-        chosen.update(int(i) for i in ids[rows][pick(ids[rows], SHEET_ITEMS, seed)])
-    return chosen
-
-
 def _pictures(ctx: StageContext, tags: pa.Table, posts: pa.Table) -> dict[str, str]:
     """Contact sheets of what the tagger changed; a picture problem never fails the stage."""
     seed = ctx.cfg.seed
     try:
         pool = ctx.store.pool_dir()
         if not ctx.store.is_local:
-            wanted = _sheet_ids(tags, seed)
+            wanted = sheet_ids(tags, seed, SHEET_ITEMS)
             shown = posts.filter(pc.is_in(posts["id"], value_set=pa.array(sorted(wanted), pa.int64())))
             pool = ctx.store.pool_fetch(shown["image_path"].to_pylist(), shown["file_size"].to_pylist())
         return make_tag_sheets(tags, posts, pool, ctx.work, seed=seed, max_items=SHEET_ITEMS)
@@ -368,7 +239,7 @@ def build(ctx: StageContext) -> StageResult:
     write_table(rejects, ctx.work / REJECTS_FILE, REJECTS_SCHEMA)
 
     meta = _meta(ctx, folder, kind, shards[0]["device"], int(shards[0]["input_size"]))
-    stats, report = _report(final, rejects, weights, cfg.weight, concepts, meta)
+    stats, report = summarise(final, rejects, weights, cfg.weight, concepts, meta)
     images = _pictures(ctx, final, posts)
     summary = {"row_counts": {"tags": final.num_rows, "rejects": rejects.num_rows}, "stats": stats,
                "meta": meta, "report": {"summary_md": report.summary_md, "tables": report.tables, "images": images}}

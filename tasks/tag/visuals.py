@@ -80,3 +80,15 @@ def make_tag_sheets(
         images["disputed tags"] = save_png(_sheet(rows, tags, paths, pool, thumb, title, caption_rows),
                                            out_dir, "tag-disputed")
     return images
+
+
+def sheet_ids(tags: pa.Table, seed: int, max_items: int) -> set[int]:
+    """The posts make_tag_sheets can show (the same `pick` over the same rows): fetched from object storage
+    before drawing. Were the two to drift apart, a tile would only show blank, never fail the stage."""
+    ids = tags["id"].to_numpy()
+    n_added = np.array([len(a or []) for a in tags["added"].to_pylist()])
+    n_disputed = np.array([len(d or []) for d in tags["disputed"].to_pylist()])
+    chosen: set[int] = set()
+    for rows in (np.flatnonzero((n_added > 0) | (n_disputed > 0)), np.flatnonzero(n_disputed > 0)):
+        chosen.update(int(i) for i in ids[rows][pick(ids[rows], max_items, seed)])
+    return chosen

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_contracts.errors import ConfigError
+from tasks.common.process_cache import ProcessCache
 from tasks.tag import model as tag_model
 from tasks.tag.model import LABELS_NAME, ONNX_NAME, resolve_model
 
@@ -70,7 +71,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(tag_model, "_HUB_FOLDERS", {})
+    monkeypatch.setattr(tag_model, "_HUB_FOLDERS", ProcessCache("test hub folders"))
     yield server, cache
     server.close()
 
@@ -101,8 +102,13 @@ def test_a_cached_repo_is_used_without_any_request_and_resolved_once(hub, tiny_f
     (snapshot.parents[1] / "refs" / "main").unlink()
     second = resolve_model(REPO, tmp_path / "cache")
     assert second.path == snapshot
-    assert tag_model._HUB_FOLDERS == {(REPO, str(cache)): snapshot}
+    assert tag_model._HUB_FOLDERS.peek((REPO, str(cache))) == snapshot
     assert server.requests == []
+
+    # a kept folder whose files went away is resolved again, not handed out
+    shutil.rmtree(snapshot.parents[1])
+    with pytest.raises(ConfigError, match="could not be fetched"):
+        resolve_model(REPO, tmp_path / "cache")
 
 
 def test_a_cached_onnx_only_snapshot_is_enough(hub, tiny_folder, tmp_path):
@@ -122,7 +128,7 @@ def test_offline_and_missing_names_the_folder_layout(hub, tmp_path, monkeypatch)
     assert "offline" in text and "selected_tags.csv" in text and "model.onnx" in text
     assert str(cache / "models--someone--not-cached" / "snapshots") in text
     assert server.requests == []
-    assert tag_model._HUB_FOLDERS == {}
+    assert tag_model._HUB_FOLDERS.peek(("someone/not-cached", str(cache))) is None
 
 
 @pytest.mark.parametrize("status", [404, 500])
@@ -138,4 +144,4 @@ def test_online_and_missing_asks_the_hub_and_fails_clearly(hub, tiny_folder, tmp
     text = str(err.value)
     assert REPO in text and "selected_tags.csv" in text and "model.onnx" in text
     assert ("could not be fetched" if cached == "nothing" else "holds only selected_tags.csv even after asking") in text
-    assert tag_model._HUB_FOLDERS == {}
+    assert tag_model._HUB_FOLDERS.peek((REPO, str(cache))) is None

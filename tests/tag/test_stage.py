@@ -16,6 +16,7 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tag import TAGS_SCHEMA, TagManifest
 from pipeline_config.load import load_config
 from tasks.common.stage import run_stage
+from tasks.tag import core as tag_core
 from tasks.tag import stage as tag_stage
 from tests.stage_helpers import commit_output
 
@@ -154,7 +155,7 @@ def test_a_deleted_pool_image_is_rejected_as_image_missing_by_its_pool_path(env,
                 return torch.from_numpy(backend.predict(x.permute(0, 2, 3, 1).to(torch.uint8).numpy()))
             return run_pipeline(items, predict, backend.input_size, "cpu", batch_size=cfg.batch_size, workers=2)
 
-        monkeypatch.setattr(tag_stage, "_batches", gpu_on_cpu)
+        monkeypatch.setattr(tag_core, "tag_batches", gpu_on_cpu)
     out = run_stage(tag_stage.SPEC, cfg, store)
     rejects = {r["id"]: r for r in pq.read_table(store.path(out.manifest, "rejects.parquet")).to_pylist()}
     assert set(rejects) == {1003, 1008, 1009, 1010}
