@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from data_contracts.errors import BooruflowError
+from tasks.common.sizes import human_size
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -329,14 +330,6 @@ def _age(created_at: str) -> str:
     return f"{seconds:.0f} s"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def stage_status(cfg, store) -> list[dict[str, str]]:
     """One row per stage: state (locked / in progress / complete / stale / missing), rows, size, age, path.
 
@@ -383,7 +376,7 @@ def stage_status(cfg, store) -> list[dict[str, str]]:
         rows.append({
             "stage": stage, "state": state, "fingerprint": current or "-",
             "rows": ", ".join(f"{k}={v}" for k, v in manifest.row_counts.items()) if manifest else "-",
-            "size": _size(sum(f.size for f in manifest.files)) if manifest else "-",
+            "size": human_size(sum(f.size for f in manifest.files)) if manifest else "-",
             "age": _age(manifest.created_at) if manifest else "-",
             "path": store.output_url(stage, current) if current else "-", "note": note,
         })
@@ -484,6 +477,15 @@ def cmd_train_node(args: argparse.Namespace) -> int:
         raise BooruflowError(f"{run_file} does not exist: give the run.json path the train stage logged "
                              "(its work folder must be on storage every machine reads)")
     launch_accelerate(run_file, 0, config_file=args.accelerate_config, on_line=print, on_event=lambda e: None)
+    return 0
+
+
+def cmd_models_random(args: argparse.Namespace) -> int:
+    from tasks.models.random_models import summary_lines, write_random_models
+
+    results = write_random_models(Path(args.out), only=args.only, seed=args.seed, dtype=args.dtype, onnx=args.onnx,
+                                  force=args.force, scale=args.scale, log=lambda line: print(line, file=sys.stderr))
+    print("\n".join(summary_lines(results)))
     return 0
 
 
@@ -604,6 +606,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate-config", required=True,
                    help="this machine's accelerate config (same cluster, its own machine_rank; required)")
     p.set_defaults(func=cmd_train_node)
+
+    p = add("models", help="model utilities: random real-size models for GPU tests without a download",
+            description="Model utilities. `fm models random` writes an SD1.5 checkpoint and a WD SwinV2 tagger with "
+                        "random weights at the real sizes, in the layouts a user gives (no download).")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="subcommand",
+                            help="random: write random-weight SD1.5 + tagger")
+    p = msub.add_parser(
+        "random", formatter_class=HelpFormatter, help="write random-weight SD1.5 + WD tagger at the real sizes",
+        description=textwrap.fill(
+            "Write real-sized models with random weights, deterministic for --seed, so the real loading and GPU "
+            "code (tag, cache, train) runs at full size with no download: OUT/sd15-random.safetensors (single-file "
+            "SD1.5 in the original LDM key layout, built from the shipped SD1.5 configs; ~2 GiB in fp16) and "
+            "OUT/wd-swinv2-tagger-v3-random/ (model.safetensors fp32 + config.json + selected_tags.csv [+ model.onnx] "
+            "of SmilingWolf/wd-swinv2-tagger-v3's shape: SwinV2-B, 448 px, 10,861 tags; ~375 MiB, as much again "
+            "with --onnx). Writes are atomic; an existing complete output is kept unless --force. Prints the "
+            "-o overrides that point a config at them. The weights are noise: images and tags mean nothing.", 80),
+        epilog="examples:\n"
+               "  fm models random --out /data/models                     both, fp16 SD1.5\n"
+               "  fm models random --out /data/models --only tagger --onnx\n"
+               "  fm run -c nai-v2-fm -o train.model=/data/models/sd15-random.safetensors \\\n"
+               "         -o cache.model=/data/models/sd15-random.safetensors \\\n"
+               "         -o tag.model=/data/models/wd-swinv2-tagger-v3-random\n"
+               "  fm models random --out /tmp/m --scale tiny               CPU smoke test of this command (seconds)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created; required)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same weights")
+    p.add_argument("--only", choices=["sd15", "tagger"], default=None,
+                   help="write only this model (default: both)")
+    p.add_argument("--onnx", action="store_true", help="also export the tagger as model.onnx (the WD ONNX layout)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="dtype of the SD1.5 checkpoint's tensors (the tagger is fp32, as published)")
+    p.add_argument("--force", action="store_true", help="rewrite outputs that already exist")
+    p.add_argument("--scale", choices=["full", "tiny"], default="full",
+                   help="full: the real sizes; tiny: the demo's tiny shapes under *-tiny names, a CPU smoke test")
+    p.set_defaults(func=cmd_models_random)
 
     p = add("files", help="serve a data root read-only over HTTP (for image artifacts)")
     p.add_argument("--root", required=True, help="the folder to serve (required)")

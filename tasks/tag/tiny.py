@@ -71,7 +71,7 @@ def tiny_config(num_classes: int, model_args: dict | None = None) -> dict:
 
 
 def write_tagger_folder(folder: Path, labels_csv: Path, seed: int, model_args: dict | None = None,
-                        with_onnx: bool = True) -> Path:
+                        with_onnx: bool = True, name: str = "tiny-wd-swinv2") -> Path:
     """Build a random tagger with the prior head bias and write the four files into `folder`."""
     labels = load_labels(labels_csv)
     config = tiny_config(len(labels), model_args)
@@ -90,7 +90,7 @@ def write_tagger_folder(folder: Path, labels_csv: Path, seed: int, model_args: d
     shutil.copyfile(labels_csv, folder / LABELS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "booruflow": f"tiny-wd-swinv2 seed {seed}"})
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "booruflow": f"{name} seed {seed}"})
     if with_onnx:
         export_onnx(model, folder / ONNX_NAME, int(config["model_args"]["img_size"]))
     return folder
