@@ -151,6 +151,11 @@ class EmbeddedConfig(Section):
     posts: int = Field(300, ge=1)
     seed: int = 0
     max_side: int = Field(768, ge=64)
+    # Image sizes: classic (the mini-booru's own draw: portrait / square / landscape at a few ratios) or danbooru
+    # (Danbooru-like: mostly 2:3 and 3:4 portrait, some square and landscape, a few tall and wide strips up to
+    # 1:4 / 4:1, so that every kohya bucket at 512² gets images once max_side >= 1024; the gpu-check preset).
+    # Left out of the fingerprint while classic: outputs made before this option keep their fingerprints.
+    aspect: Literal["classic", "danbooru"] = Field("classic", exclude_if=lambda value: value == "classic")
 
 
 class IngestConfig(Section):

@@ -21,7 +21,8 @@ log = logging.getLogger("booruflow.ingest")
 
 
 def minibooru_dir(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
-    return Path(cache_dir) / f"minibooru-{cfg.posts}-{cfg.seed}-{cfg.max_side}"
+    suffix = "" if cfg.aspect == "classic" else f"-{cfg.aspect}"  # two aspects in one cache_dir never clash
+    return Path(cache_dir) / f"minibooru-{cfg.posts}-{cfg.seed}-{cfg.max_side}{suffix}"
 
 
 def _minibooru():
@@ -46,7 +47,7 @@ def ensure_minibooru(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
     generate_minibooru = _minibooru().generate_minibooru
 
     folder = minibooru_dir(cache_dir, cfg)
-    booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side)
+    booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side, aspect=cfg.aspect)
     return Path(booru.root)
 
 

@@ -24,17 +24,26 @@ Layout of a generated folder (`generate_minibooru(out_dir, ...)`):
 
 "highres"/"absurdres" thresholds scale with max_side (1600x1200 / 3200x2400 with max_side playing 3400 px), so a
 768 px mini-booru still has both.
+
+Image sizes (`aspect`): "classic" (the default, the mini-booru's original draw: portrait / square / landscape at a
+few ratios, plus rare tall/wide strips) or "danbooru" (a Danbooru-like spread for bucketing at real scale: mostly
+2:3 and 3:4 portrait, some square, some landscape, and a few tall and wide strips up to 1:4 / 4:1, so that kohya's
+17 buckets at 512² all get images when max_side >= 1024). Every post is drawn from its own seeded generator, so
+posts are rendered in worker processes when there are many (`workers`), with the same bytes as a serial run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,6 +55,10 @@ from .render import COLOURS, Figure, Look, Scene, Style, placeholder, render_sce
 
 MARKER = "minibooru.json"
 GENERATOR_VERSION = 1
+ASPECTS = ("classic", "danbooru")
+DEFAULT_ASPECT = "classic"
+# Below this many posts a generation runs in this process: worker start-up (~0.5 s) outweighs the gain.
+PARALLEL_MIN_POSTS = 1000
 MIN_YEAR, MAX_YEAR = 2005, 2026
 _END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 
@@ -208,6 +221,7 @@ class MiniBooru:
     characters: list[str] = field(default_factory=list)
     series: list[str] = field(default_factory=list)
     artists: list[str] = field(default_factory=list)
+    aspect: str = DEFAULT_ASPECT
 
     @property
     def posts_path(self) -> Path:
@@ -243,30 +257,61 @@ class MiniBooru:
     def open(cls, root: Path) -> "MiniBooru":
         meta = json.loads((Path(root) / MARKER).read_text(encoding="utf-8"))
         return cls(Path(root), meta["n_posts"], meta["seed"], meta["max_side"], meta["characters"], meta["series"],
-                   meta["artists"])
+                   meta["artists"], meta.get("aspect", DEFAULT_ASPECT))
 
 
 # ------------------------------------------------------------------------------------------- generation
 
 
-def _params(n_posts: int, seed: int, max_side: int) -> dict:
-    return {"n_posts": n_posts, "seed": seed, "max_side": max_side, "version": GENERATOR_VERSION}
+def _params(n_posts: int, seed: int, max_side: int, aspect: str = DEFAULT_ASPECT) -> dict:
+    """What decides a generation (its cache key, written into the marker). The default aspect is left out, so
+    markers and folders of the classic draw are the same as before the option existed."""
+    params = {"n_posts": n_posts, "seed": seed, "max_side": max_side, "version": GENERATOR_VERSION}
+    if aspect != DEFAULT_ASPECT:
+        params["aspect"] = aspect
+    return params
 
 
-def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_side: int = 768) -> MiniBooru:
-    """Generate (or reuse) a mini-booru in `out_dir`; deterministic by (n_posts, seed, max_side)."""
+def _cache_key(params: dict) -> tuple:
+    return (params.get("n_posts"), params.get("seed"), params.get("max_side"), params.get("version"),
+            params.get("aspect", DEFAULT_ASPECT))
+
+
+def default_workers(n_posts: int) -> int:
+    """Worker processes for a generation of n_posts: 1 (this process) below PARALLEL_MIN_POSTS, else one per
+    usable CPU core."""
+    if n_posts < PARALLEL_MIN_POSTS:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_posts // 100))
+
+
+def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_side: int = 768,
+                       aspect: str = DEFAULT_ASPECT, workers: int | None = None) -> MiniBooru:
+    """Generate (or reuse) a mini-booru in `out_dir`; deterministic by (n_posts, seed, max_side, aspect).
+
+    workers: processes that render the posts (None = `default_workers(n_posts)`); the output does not depend on it.
+    """
     out_dir = Path(out_dir)
     if n_posts < 1:
         raise ValueError("n_posts must be >= 1")
     if max_side < 64:
         raise ValueError("max_side must be >= 64")
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, found {aspect!r}")
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be >= 1")
+    params = _params(n_posts, seed, max_side, aspect)
     marker = out_dir / MARKER
     if marker.exists():
         try:
             meta = json.loads(marker.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             meta = {}
-        if {k: meta.get(k) for k in ("n_posts", "seed", "max_side", "version")} == _params(n_posts, seed, max_side):
+        if _cache_key(meta) == _cache_key(params):
             return MiniBooru.open(out_dir)
         marker.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,11 +320,10 @@ def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_
         shutil.rmtree(images)
     images.mkdir()
 
-    plans = _plan_posts(n_posts, seed, max_side)
+    plans = _plan_posts(n_posts, seed, max_side, aspect)
     posts: list[dict] = []
     truth_posts: dict[str, dict] = {}
-    for plan in plans:
-        post, truth = _materialise(plan, images, max_side)
+    for post, truth in _materialise_all(plans, images, max_side, workers or default_workers(n_posts)):
         posts.append(post)
         truth_posts[str(post["id"])] = truth
     _link_parents(posts, plans)
@@ -293,11 +337,38 @@ def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_
         "artists": {a.tag: {"style": a.style.__dict__} for a in ARTISTS},
     }
     _atomic_write(out_dir / "truth.json", json.dumps(truth))
-    meta = {**_params(n_posts, seed, max_side), "characters": [c.tag for c in CHARACTERS],
+    meta = {**params, "characters": [c.tag for c in CHARACTERS],
             "series": [s.tag for s in SERIES], "artists": [a.tag for a in ARTISTS],
             "posts_with_images": sum(1 for p in posts if "md5" in p), "ids": [posts[0]["id"], posts[-1]["id"]]}
     _atomic_write(marker, json.dumps(meta, indent=1))
     return MiniBooru.open(out_dir)
+
+
+def _materialise_all(plans: list[dict], images: Path, max_side: int, workers: int) -> list[tuple[dict, dict]]:
+    """(post, truth) of every plan, in plan order. Each post draws only from its own generator (seeded by its plan)
+    and writes only its own file, so worker processes give the same bytes as this process alone. Spawned, not
+    forked: the caller may be a threaded process (the ingest stage under Prefect)."""
+    job = functools.partial(_materialise, images=images, max_side=max_side)
+    if workers <= 1 or len(plans) < 2:
+        return [job(plan) for plan in plans]
+    workers = min(workers, len(plans))
+    chunk = max(1, len(plans) // (workers * 8))  # small chunks: render cost varies with the drawn size
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(job, plans, chunksize=chunk))
+
+
+def planned_sizes(n_posts: int, seed: int = 0, *, max_side: int = 768, aspect: str = DEFAULT_ASPECT) -> list[dict]:
+    """Each post's image size and kind as `generate_minibooru` would make them, without rendering anything
+    (milliseconds per thousand posts): {"id", "role", "width", "height", "deleted", "banned", "restricted"}.
+    role is "" for an ordinary picture, else the special kind (gif, mp4, zip, swf, comic, small, tall, wide, ...)."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, found {aspect!r}")
+    out = []
+    for plan in _plan_posts(n_posts, seed, max_side, aspect):
+        scene = _draw_scene(plan, np.random.default_rng(plan["seed"]), max_side).scene  # the first draws of a post
+        out.append({"id": plan["id"], "role": plan["role"], "width": scene.width, "height": scene.height,
+                    "deleted": plan["deleted"], "banned": plan["banned"], "restricted": plan["restricted"]})
+    return out
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -314,7 +385,7 @@ _FORCED = ("png_rgba", "webp", "png", "gif", "mp4", "zip", "swf", "comic", "smal
 _FILE_ROLES = {"png_rgba", "webp", "png", "gif", "mp4", "zip", "swf", "comic", "small", "tall", "wide", "square"}
 
 
-def _plan_posts(n: int, seed: int, max_side: int) -> list[dict]:
+def _plan_posts(n: int, seed: int, max_side: int, aspect: str = DEFAULT_ASPECT) -> list[dict]:
     rng = np.random.default_rng([seed, n, max_side, 0x6D62])
     # created_at: more posts in later years; ids follow time with random gaps
     years = np.arange(MIN_YEAR, MAX_YEAR + 1)
@@ -398,12 +469,47 @@ def _plan_posts(n: int, seed: int, max_side: int) -> list[dict]:
             "index": i, "id": int(ids[i]), "created": stamps[i], "role": role, "series": series, "characters": characters,
             "artist": artist, "rating": rating, "score": score, "up": up, "down": down, "fav": fav,
             "deleted": deleted, "banned": banned, "restricted": restricted and not banned, "original": original,
-            "seed": int(rng.integers(0, 2**31 - 1)), "max_side": max_side,
+            "seed": int(rng.integers(0, 2**31 - 1)), "max_side": max_side, "aspect": aspect,
         })
     return plans
 
 
-def _size(rng: np.random.Generator, role: str, max_side: int) -> tuple[int, int]:
+# aspect "danbooru": (width / height, share of the ordinary posts) — canvas presets dominate real uploads.
+_DANBOORU_RATIOS = (
+    (2 / 3, 0.24), (3 / 4, 0.15), (1 / 2 ** 0.5, 0.08), (4 / 5, 0.05), (9 / 16, 0.06), (1 / 2, 0.03),  # portrait 61 %
+    (1.0, 0.13),  # square
+    (4 / 3, 0.05), (3 / 2, 0.04), (16 / 9, 0.06), (5 / 4, 0.01), (2.0, 0.01),  # landscape 17 %
+)
+_DANBOORU_STRIPS = 0.09  # the rest: tall (half) and wide (half) strips, full max_side long ...
+_STRIP_RATIOS = (2.5, 3.0, 3.5, 3.75, 4.0)  # ... at these long:short ratios, equally often (a 1:4 strip at
+#                                              max_side 1024 is 256 px wide: the smallest side 512² buckets take)
+_JITTER = 0.025  # log-ratio spread of the 30 % of pictures that are not an exact preset ratio
+
+
+def _danbooru_size(rng: np.random.Generator, max_side: int) -> tuple[int, int]:
+    """A Danbooru-like size: mostly 2:3 / 3:4 portrait, some square and landscape, a few tall and wide strips."""
+    u = rng.random()
+    if u < _DANBOORU_STRIPS:
+        tall = u < _DANBOORU_STRIPS / 2
+        ratio = float(_STRIP_RATIOS[int(rng.integers(len(_STRIP_RATIOS)))])
+        # never wider than the largest ratio (so the short side stays >= max_side / 4)
+        ratio *= float(np.exp(rng.uniform(-_JITTER, 0.0 if ratio == max(_STRIP_RATIOS) else _JITTER)))
+        short = max(16, round(max_side / ratio))
+        return (short, max_side) if tall else (max_side, short)
+    ratios = np.array([r for r, _ in _DANBOORU_RATIOS])
+    weights = np.array([w for _, w in _DANBOORU_RATIOS])
+    ratio = float(ratios[int(rng.choice(len(ratios), p=weights / weights.sum()))])
+    if rng.random() < 0.3:
+        ratio *= float(np.exp(rng.uniform(-_JITTER, _JITTER)))
+    long_side = max(64, int(rng.uniform(0.55, 1.0) * max_side))
+    if ratio <= 1:
+        return max(16, round(long_side * ratio)), long_side
+    return long_side, max(16, round(long_side / ratio))
+
+
+def _size(rng: np.random.Generator, role: str, max_side: int, aspect: str = DEFAULT_ASPECT) -> tuple[int, int]:
+    if aspect == "danbooru" and not role:  # special roles (tall, wide, small, square, comic...) keep their sizes
+        return _danbooru_size(rng, max_side)
     if role == "tall":
         ratio = rng.uniform(2.6, 3.5)
         h = max_side
@@ -479,7 +585,7 @@ def _draw_scene(plan: dict, rng: np.random.Generator, max_side: int) -> _Drawn:
     series: Series = plan["series"]
     artist: Artist = plan["artist"]
     chars: list[Character] = plan["characters"]
-    width, height = _size(rng, role, max_side)
+    width, height = _size(rng, role, max_side, plan.get("aspect", DEFAULT_ASPECT))
 
     composition = str(rng.choice(["portrait", "upper_body", "cowboy_shot", "full_body"], p=[0.2, 0.45, 0.2, 0.15]))
     if height < width * 0.6 and composition in ("cowboy_shot", "full_body"):
