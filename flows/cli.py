@@ -29,7 +29,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default="demo", help="preset name (demo, nai-v2-fm) or YAML path")
+    p.add_argument("-c", "--config", default="demo", help="preset name (demo, nai-v2-fm, gpu-check) or YAML path")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. -o train.lr=1e-5 (repeatable; default: none)")
 
