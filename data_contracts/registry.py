@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_contracts import bucket, cache, eval as eval_contract, ingest, quality, tag, train
+from data_contracts import bucket, cache, dedup, eval as eval_contract, ingest, quality, tag, train
 
 CONTRACT_MODULES: dict[str, ModuleType] = {
-    m.STAGE: m for m in (ingest, tag, quality, bucket, cache, train, eval_contract)
+    m.STAGE: m for m in (ingest, dedup, tag, quality, bucket, cache, train, eval_contract)
 }
 
 
@@ -17,13 +17,14 @@ def manifest_class(stage: str):
 def _manifest_classes():
     from data_contracts.bucket import BucketManifest
     from data_contracts.cache import CacheManifest
+    from data_contracts.dedup import DedupManifest
     from data_contracts.eval import EvalManifest
     from data_contracts.ingest import IngestManifest
     from data_contracts.quality import QualityManifest
     from data_contracts.tag import TagManifest
     from data_contracts.train import TrainManifest
 
-    return {c.STAGE: c for c in (IngestManifest, TagManifest, QualityManifest, BucketManifest, CacheManifest, TrainManifest,
+    return {c.STAGE: c for c in (IngestManifest, DedupManifest, TagManifest, QualityManifest, BucketManifest, CacheManifest, TrainManifest,
                                           EvalManifest)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pipeline_config.base import Section
 from pipeline_config.bucket import BucketConfig
 from pipeline_config.cache import CacheConfig
+from pipeline_config.dedup import DedupConfig
 from pipeline_config.eval import EvalConfig
 from pipeline_config.ingest import IngestConfig
 from pipeline_config.quality import QualityConfig
@@ -18,6 +19,7 @@ class PipelineConfig(Section):
     seed: int = 0
     runtime: RuntimeConfig = RuntimeConfig()
     ingest: IngestConfig = IngestConfig()
+    dedup: DedupConfig = DedupConfig()
     tag: TagConfig = TagConfig()
     quality: QualityConfig = QualityConfig()
     bucket: BucketConfig = BucketConfig()

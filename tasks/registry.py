@@ -7,10 +7,11 @@ import importlib
 from data_contracts.errors import ConfigError
 from tasks.common.stage import StageSpec
 
-DAG_ORDER = ("ingest", "tag", "quality", "bucket", "cache", "train", "eval")
+DAG_ORDER = ("ingest", "dedup", "tag", "quality", "bucket", "cache", "train", "eval")
 # stage -> module exposing SPEC; add a stage here when its implementation lands.
 _MODULES: dict[str, str] = {
     "ingest": "tasks.ingest.stage",
+    "dedup": "tasks.dedup.stage",
     "tag": "tasks.tag.stage",
     "quality": "tasks.quality.stage",
     "bucket": "tasks.bucket.stage",

@@ -52,6 +52,16 @@ def read_posts(store: ArtifactStore, manifest: IngestManifest) -> pa.Table:
     return table
 
 
+def kept_posts(posts: pa.Table, dedup: pa.Table) -> pa.Table:
+    """The posts the dedup stage kept; a post dedup has no row for is a contract error (another ingest)."""
+    known = pc.is_in(posts["id"], value_set=dedup["id"])
+    if not pc.all(known).as_py():
+        missing = posts.filter(pc.invert(known))["id"].to_pylist()[:5]
+        raise ContractError(f"the dedup output has no row for ingest posts {missing}; rerun `fm run dedup`")
+    kept_ids = dedup.filter(dedup["kept"])["id"]
+    return posts.filter(pc.is_in(posts["id"], value_set=kept_ids))
+
+
 # --- tagging -------------------------------------------------------------------------------------
 def tag_batches(folder: TaggerFolder, cfg: Any, items: list[tuple[int, Path]], backend) -> Iterator[BatchResult]:
     if backend.name == "torch" and backend.device == "cuda":

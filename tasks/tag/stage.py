@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_contracts.dedup import DEDUP_SCHEMA
 from data_contracts.errors import ContractError, StageError
 from data_contracts.store import atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
@@ -35,8 +36,10 @@ from tasks.common.journal import read_done_mark, write_done_mark
 from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
+from tasks.common.upstream import read_upstream
+from tasks.dedup.stage import DEDUP_FILE
 from tasks.tag.backends import choose_backend, load_backend, resolve_device
-from tasks.tag.core import PARTIAL_SCHEMA, posts_files, read_posts, summarise, tag_shard
+from tasks.tag.core import PARTIAL_SCHEMA, kept_posts, posts_files, read_posts, summarise, tag_shard
 from tasks.tag.merge import Merger, MergeRules
 from tasks.tag.model import TaggerFolder, resolve_model
 from tasks.tag.visuals import make_tag_sheets, sheet_ids
@@ -66,10 +69,17 @@ _BACKENDS: ProcessCache[Any] = ProcessCache("tag loaded backend")
 
 
 def _posts(ctx: StageContext) -> pa.Table:
-    manifest = ctx.upstream["ingest"]
+    """The ingest posts the dedup stage kept (one per near-duplicate group), in id order."""
+    manifest, dedup = ctx.upstream["ingest"], ctx.upstream["dedup"]
     # Keyed by content (a forced re-crawl may keep the fingerprint and change the posts).
-    key = (ctx.store.root_url, manifest.fingerprint, tuple(manifest.file(r).sha256 for r in posts_files(manifest)))
-    return _POSTS.get(key, lambda: read_posts(ctx.store, manifest))
+    key = (ctx.store.root_url, manifest.fingerprint, tuple(manifest.file(r).sha256 for r in posts_files(manifest)),
+           dedup.fingerprint, dedup.file(DEDUP_FILE).sha256)
+
+    def load() -> pa.Table:
+        kept = read_upstream(ctx.store, dedup, "dedup", DEDUP_SCHEMA, ["id", "kept"])
+        return kept_posts(read_posts(ctx.store, manifest), kept)
+
+    return _POSTS.get(key, load)
 
 
 def _tagger(ctx: StageContext, load: bool = True) -> tuple[TaggerFolder, str, Any]:
@@ -271,6 +281,6 @@ def fingerprint_extra(cfg) -> dict:
     return {p.name: file_identity(p, cache) for p in files}
 
 
-SPEC = StageSpec(name="tag", upstream=("ingest",), code_version=CODE_VERSION, build=build, resumable=True,
+SPEC = StageSpec(name="tag", upstream=("ingest", "dedup"), code_version=CODE_VERSION, build=build, resumable=True,
                  gpu=True, fingerprint_extra=fingerprint_extra, plan_shards=plan_shards, run_shard=run_shard,
                  shard_slots=shard_slots)

@@ -337,7 +337,7 @@ def test_demo_cache_reports_decoded_latents_that_match_their_sources(tmp_path):
 
     cfg = load_config("demo", [f"data_root={tmp_path}", "ingest.embedded.posts=60", "ingest.embedded.max_side=384"])
     store = ArtifactStore.for_config(cfg)
-    for stage in ("ingest", "tag", "quality", "bucket", "cache"):
+    for stage in ("ingest", "dedup", "tag", "quality", "bucket", "cache"):
         outcome = run_stage(stage_spec(stage), cfg, store)
     manifest = store.read_manifest(CacheManifest)
     assert outcome.report.images and all(store.path(manifest, rel).stat().st_size > 1000

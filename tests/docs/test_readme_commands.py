@@ -118,7 +118,7 @@ def _check(proc, box):
 
 def _status(proc, box):
     _ok(proc)
-    for stage in ("ingest", "tag", "quality", "bucket", "cache", "train", "eval"):
+    for stage in ("ingest", "dedup", "tag", "quality", "bucket", "cache", "train", "eval"):
         assert stage in proc.stdout
 
 

@@ -123,9 +123,10 @@ def test_status_shows_each_stage_state(tmp_path):
         proc = fm("status", "-o", f"data_root={root}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if line.startswith(" ")
-             and line.split(":")[0].strip() in ("ingest", "tag", "quality", "bucket", "cache", "train", "eval")}
+             and line.split(":")[0].strip() in ("ingest", "dedup", "tag", "quality", "bucket", "cache", "train", "eval")}
     assert "complete" in lines["ingest"] and f"{root}/ingest/{fresh}" in lines["ingest"]
-    assert "stale" in lines["tag"] and "the next run builds" in lines["tag"]
+    assert "missing" in lines["dedup"] and "fm run dedup" in lines["dedup"]
+    assert "stale" in lines["tag"] and "upstream dedup not up to date" in lines["tag"]
     assert "in progress" in lines["quality"] and "_work/feedfacefeedface" in lines["quality"]
     assert "locked" in lines["bucket"] and f"pid {os.getpid()}" in lines["bucket"] and "test holder" in lines["bucket"]
     for stage in ("cache", "train", "eval"):

@@ -123,7 +123,7 @@ def test_a_run_publishes_one_report_per_stage_and_progress_that_finishes(prefect
     api_url = prefect_env["PREFECT_API_URL"]
     overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
                  "ingest.embedded.posts=60", "ingest.embedded.max_side=384", "tag.shard_size=16"]
-    run = run_fm(prefect_env, ["ingest", "tag"], overrides)
+    run = run_fm(prefect_env, ["ingest", "dedup", "tag"], overrides)
     assert run["completed"]
     arts = run_artifacts(api_url, run["id"])
     for stage in ("ingest", "tag"):

@@ -17,7 +17,7 @@ from pipeline_config.load import load_config
 from tasks.common.stage import finish_stage, plan_shards, prepare_stage, reopen_stage, run_stage
 from tasks.registry import stage_spec
 
-STAGES = ["ingest", "tag", "quality", "bucket"]
+STAGES = ["ingest", "dedup", "tag", "quality", "bucket"]
 
 
 def _cfg(tmp_path, endpoint: str, bucket: str, **extra):
@@ -32,7 +32,7 @@ def test_pipeline_on_s3_commits_manifest_last_and_reruns_cached(tmp_path, s3_end
     store = ArtifactStore.for_config(cfg)
     assert not store.is_local
     root = f"{bucket}/runs/demo"
-    outs = {"ingest": run_stage(stage_spec("ingest"), cfg, store)}
+    outs = {s: run_stage(stage_spec(s), cfg, store) for s in ("ingest", "dedup")}
     # Tag as on a cluster: the shards run on "another machine" (its own local cache), the merge here sees
     # their journals only through the object store.
     prepared = prepare_stage(stage_spec("tag"), cfg, store)
@@ -209,7 +209,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     assert len(pool_files(tmp_path / "worker-cache")) >= ingest.manifest.row_counts["posts"]
     assert 0 < len(pool_files(tmp_path / "cache")) <= ingest.manifest.row_counts["posts"]
     assert any(f.path.startswith("visuals/ingest-character") for f in ingest.manifest.files)
-    for stage in ("tag", "quality", "bucket"):
+    for stage in ("dedup", "tag", "quality", "bucket"):
         run_stage(stage_spec(stage), cfg, store)
     fetched: list[str] = []  # what the merging machine downloads from the shards' work folder
     real_work_get = store.work_get
@@ -220,7 +220,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     local_cfg = load_config("demo", {"data_root": str(tmp_path / "local"), "runtime.cache_dir": str(tmp_path / "cache"),
                                      "tag.shard_size": 100, **small})
     local = ArtifactStore.for_config(local_cfg)
-    ref = {s: run_stage(stage_spec(s), local_cfg, local).manifest for s in ("ingest", "tag", "quality", "bucket",
+    ref = {s: run_stage(stage_spec(s), local_cfg, local).manifest for s in ("ingest", "dedup", "tag", "quality", "bucket",
                                                                             "cache")}
     assert ingest.manifest.fingerprint == ref["ingest"].fingerprint
     for name in ("posts.parquet", "rejects.parquet"):

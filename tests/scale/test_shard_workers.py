@@ -14,9 +14,22 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tag import TagManifest
 from pipeline_config.load import load_config, section_dict
 from tasks.common import shard_workers, workers
-from tasks.common.shard_workers import WorkerSlot, claim, plan_slots, run_in_workers, worker_env
-from tasks.common.stage import finish_stage, plan_shards, prepare_stage, run_stage, worker_slots
+from tasks.common.shard_workers import (
+    WorkerSlot,
+    claim,
+    plan_slots,
+    run_in_workers,
+    worker_env,
+)
+from tasks.common.stage import (
+    finish_stage,
+    plan_shards,
+    prepare_stage,
+    run_stage,
+    worker_slots,
+)
 from tasks.ingest import stage as ingest_stage
+from tasks.registry import stage_spec
 from tasks.tag import stage as tag_stage
 
 
@@ -63,6 +76,7 @@ def test_tag_in_two_worker_processes_equals_in_process(tmp_path):
     cfg = _cfg(tmp_path)
     store = ArtifactStore.for_config(cfg)
     run_stage(ingest_stage.SPEC, cfg, store)
+    run_stage(stage_spec("dedup"), cfg, store)
     run_stage(tag_stage.SPEC, cfg, store)
     fp, in_process = _tags(store)
 
@@ -115,7 +129,8 @@ def test_tag_in_two_worker_processes_equals_in_process(tmp_path):
 def test_worker_failure_is_a_clear_error_and_the_rerun_resumes(tmp_path):
     cfg = _cfg(tmp_path, "tag.processes=2")
     store = ArtifactStore.for_config(cfg)
-    n_posts = run_stage(ingest_stage.SPEC, cfg, store).manifest.row_counts["posts"]
+    run_stage(ingest_stage.SPEC, cfg, store)
+    n_posts = run_stage(stage_spec("dedup"), cfg, store).manifest.stats["kept"]  # what tag sees
     prepared = prepare_stage(tag_stage.SPEC, cfg, store)
     shards = plan_shards(prepared)
     # A worker given the wrong fingerprint refuses with the stage's own message, named by its device.
@@ -137,9 +152,9 @@ def test_flow_runs_one_task_per_device_worker(tmp_path, prefect_api):
 
     overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
                  "ingest.embedded.posts=160", "tag.shard_size=40", "tag.processes=2"]
-    state = fm(config="demo", stages=["ingest", "tag"], overrides=overrides, return_state=True)
+    state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
-    _, tag = state.result()
+    _, _, tag = state.result()
     assert len(tag["shards"]) == 4 and [s["index"] for s in tag["shards"]] == [0, 1, 2, 3]
     assert 1 <= len({s["worker"] for s in tag["shards"]}) <= 2  # the flow's own process and/or one worker
     names = _task_run_names(state.state_details.flow_run_id, expected=5)
@@ -156,6 +171,7 @@ def test_a_worker_still_starting_when_every_shard_is_taken_is_stopped(tmp_path, 
     cfg = _cfg(tmp_path, "tag.processes=2")
     store = ArtifactStore.for_config(cfg)
     run_stage(ingest_stage.SPEC, cfg, store)
+    run_stage(stage_spec("dedup"), cfg, store)
     prepared = prepare_stage(tag_stage.SPEC, cfg, store)
     shards = plan_shards(prepared)
     slow = tmp_path / "slow-start"

@@ -13,8 +13,15 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tag import TagManifest
 from pipeline_config.load import load_config
 from tasks.cache import stage as cache_stage
-from tasks.common.stage import finish_stage, plan_shards, prepare_stage, reopen_stage, run_stage
+from tasks.common.stage import (
+    finish_stage,
+    plan_shards,
+    prepare_stage,
+    reopen_stage,
+    run_stage,
+)
 from tasks.ingest import stage as ingest_stage
+from tasks.registry import stage_spec
 from tasks.tag import stage as tag_stage
 
 
@@ -47,10 +54,10 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     pytest.importorskip("prefect_dask", reason="the Dask runner needs prefect-dask: pip install 'booruflow[dask]'")
     from flows.fm import fm
 
-    state = fm(config="demo", stages=["ingest", "tag", "quality", "bucket", "cache"],
+    state = fm(config="demo", stages=["ingest", "dedup", "tag", "quality", "bucket", "cache"],
                overrides=_overrides(tmp_path, "dask"), return_state=True)
     assert state.is_completed(), state.message
-    ingest, tag, _, _, cache = state.result()
+    ingest, _, tag, _, _, cache = state.result()
     assert ingest["stage"] == "ingest" and tag["stage"] == "tag" and not tag["cached"]
     n_posts = ingest["row_counts"]["posts"]
     n_shards = -(-n_posts // 64)
@@ -85,10 +92,10 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
 
     # Threads (same flow, rebuilt with force: the runner is not part of the fingerprint). Ingest is one
     # task there (crawl and downloads pipelined) and writes the same tables.
-    state = fm(config="demo", stages=["ingest", "tag"], overrides=_overrides(tmp_path, "thread"), force=True,
+    state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=_overrides(tmp_path, "thread"), force=True,
                return_state=True)
     assert state.is_completed(), state.message
-    ingest_t, tag_t = state.result()
+    ingest_t, _, tag_t = state.result()
     assert ingest_t["fingerprint"] == ingest_manifest.fingerprint and ingest_t["shards"] == []
     assert [store.path(ingest_manifest, name, verify=True).read_bytes()
             for name in ("posts.parquet", "rejects.parquet")] == ingest_tables
@@ -122,6 +129,7 @@ def test_killed_merge_resumes_from_shards_published_by_workers(tmp_path):
     store = ArtifactStore.for_config(cfg)
 
     run_stage(ingest_stage.SPEC, cfg, store)
+    run_stage(stage_spec("dedup"), cfg, store)
     prepared = prepare_stage(tag_stage.SPEC, cfg, store)
     shards = plan_shards(prepared)
     assert [s["index"] for s in shards] == list(range(len(shards))) and len(shards) >= 2
@@ -143,9 +151,9 @@ def test_tag_shards_on_ray_give_the_same_bytes(tmp_path, prefect_api):
     pytest.importorskip("prefect_ray", reason="the Ray runner needs prefect-ray: pip install 'booruflow[ray]'")
     from flows.fm import fm
 
-    state = fm(config="demo", stages=["ingest", "tag"], overrides=_overrides(tmp_path, "ray"), return_state=True)
+    state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=_overrides(tmp_path, "ray"), return_state=True)
     assert state.is_completed(), state.message
-    _, tag = state.result()
+    _, _, tag = state.result()
     assert tag["shards"] and all(not s["worker"].endswith(f":{os.getpid()}") for s in tag["shards"])
     cfg = load_config("demo", _overrides(tmp_path, "ray"))
     store = ArtifactStore.for_config(cfg)

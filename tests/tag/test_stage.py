@@ -16,6 +16,7 @@ from data_contracts.store import ArtifactStore
 from data_contracts.tag import TAGS_SCHEMA, TagManifest
 from pipeline_config.load import load_config
 from tasks.common.stage import run_stage
+from tasks.dedup import stage as dedup_stage
 from tasks.tag import core as tag_core
 from tasks.tag import stage as tag_stage
 from tests.stage_helpers import commit_output
@@ -76,6 +77,7 @@ def env(tmp_path, tiny_folder):
     cfg = load_config({"data_root": str(tmp_path / "data"), "runtime": {"cache_dir": str(tmp_path / "cache")},
                        "tag": {"model": str(tiny_folder), "shard_size": 4, "batch_size": 3,
                                "blacklist": ["twintails"]}})
+    run_stage(dedup_stage.SPEC, cfg, store)  # tag reads the posts dedup kept (here: all: distinct noise images)
     return store, ingest, cfg
 
 
@@ -83,7 +85,7 @@ def test_stage_end_to_end(env, tiny_folder):
     store, ingest, cfg = env
     out = run_stage(tag_stage.SPEC, cfg, store)
     manifest = out.manifest
-    assert isinstance(manifest, TagManifest) and manifest.upstream == {"ingest": ingest.fingerprint}
+    assert isinstance(manifest, TagManifest) and manifest.upstream["ingest"] == ingest.fingerprint and set(manifest.upstream) == {"ingest", "dedup"}
     assert manifest.backend == "onnx"  # CPU + model.onnx present -> ONNX Runtime
     from data_contracts.fingerprint import sha256_file
     assert manifest.model_identity == sha256_file(str(tiny_folder / "model.onnx"))
@@ -194,5 +196,6 @@ def test_no_taggable_image_is_a_stage_error(tmp_path, tiny_folder):
     _ingest(store, n_good=0)
     cfg = load_config({"data_root": str(tmp_path / "data"), "runtime": {"cache_dir": str(tmp_path / "cache")},
                        "tag": {"model": str(tiny_folder)}})
+    run_stage(dedup_stage.SPEC, cfg, store)
     with pytest.raises(StageError, match="no image could be tagged"):
         run_stage(tag_stage.SPEC, cfg, store)

@@ -1,0 +1,396 @@
+"""Perceptual hashes (64-bit pHash) of image files: fast decode, a process pool, bad files as data.
+
+The hash is imagehash's `phash` (4.3; hash_size 8, highfreq_factor 4), computed without the package:
+    grey   = image as 8-bit luma ("L"), resized to 32x32 with LANCZOS
+    C      = scipy.fftpack.dct(scipy.fftpack.dct(grey, axis=0), axis=1)     (DCT-II, unnormalised)
+    bits   = C[:8, :8] > median(C[:8, :8])
+    hash   = the 64 bits row-major, the first bit most significant (== int(str(imagehash.phash(img)), 16))
+One deliberate difference: an image with transparency is composited onto white before it turns grey
+(imagehash's convert("L") drops alpha and hashes whatever colour the transparent pixels happen to hide, so
+a transparent PNG and its white-background re-upload would hash far apart).
+
+Decoding is where the time goes. `fast=True` (the default) shrinks the picture 1/s before the LANCZOS
+step (s = 8, 4, 2 or 1, the largest that leaves both sides >= DRAFT_SIDE px): a JPEG by libjpeg's
+DCT-domain scaling (`Image.draft("L", ...)`: luma plane only, no colour conversion, no full-size IDCT),
+any other format by the same s x s box average (`Image.reduce`), which is what the DCT scaling computes
+-- so a PNG and its JPEG re-upload take the same path. ~4x less CPU for a JPEG; a PNG still pays its full
+inflate. The fast hash is a different resampling of the picture than the reference's, so the two can
+differ by a few bits: over 2,000 generated Danbooru-sized pictures (bench/bench_dedup.py) 61% are equal,
+99.0% within 4 bits, 99.5% within 6; 11 lie further (up to 30). A picture whose low-frequency content
+is mirror-symmetric (a figure centred on a flat background) has about half its 64 DCT coefficients near
+zero, and those bits are noise along any change of resampling path: such a picture can land 20-30 bits from its own
+reference (as it does when box-reduced 4x before LANCZOS). That is pHash's own fragility; near-duplicates
+are found between hashes made the same way, which is what bench/bench_dedup.py measures.
+`fast=False` is the reference definition exactly.
+
+`hash_files` spreads a list of files over worker processes in chunks. A file that cannot be hashed is an
+error row with a reason code (REASONS), never an exception; a decoder that kills its worker process costs
+only the file that did it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from struct import error as StructError  # some plugins raise it on garbage headers
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+HASH_SIZE = 8  # 8x8 low-frequency DCT coefficients -> 64 bits
+IMG_SIZE = 32  # HASH_SIZE * highfreq_factor 4
+DRAFT_SIDE = 64  # fast path: decoded/box-averaged at 1/s, s in 8..1 with both sides >= this (s = 8 from 512 px)
+CHUNK = 32  # files per pool task
+MAX_PIXELS = 400_000_000  # above this width*height a file is not decoded (PIL's own bomb limit is lower)
+
+REASONS = {
+    "image_missing": "the image file is not in the pool",  # the reason codes of tag and cache for the same faults
+    "undecodable_image": "the file is not a decodable image (corrupt, truncated, unknown format)",
+    "image_too_large": "width*height above the pixel limit",
+    "decoder_crash": "the image decoder killed its worker process on this file",
+}
+
+
+@dataclass(frozen=True)
+class HashError:
+    index: int  # position in the list given to hash_files
+    path: str
+    reason: str  # a key of REASONS
+    detail: str
+
+
+@dataclass
+class HashResult:
+    hashes: np.ndarray  # uint64 [n]; 0 where ok is False
+    ok: np.ndarray  # bool [n]
+    errors: list[HashError] = field(default_factory=list)  # one per file that is not ok, by index
+    seconds: float = 0.0
+    workers: int = 0
+
+
+# --- the hash -------------------------------------------------------------------------------------------
+def bits_to_uint64(bits: np.ndarray) -> np.ndarray:
+    """[n, 8, 8] (or [n, 64]) bool -> uint64 [n], row-major, the first bit the most significant."""
+    packed = np.packbits(np.asarray(bits, bool).reshape(len(bits), 64), axis=1)  # [n, 8] bytes, MSB first
+    return packed.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def phash_pixels(grey: np.ndarray) -> np.ndarray:
+    """pHash of 32x32 grey images: [n, 32, 32] (or one [32, 32]) uint8 -> uint64 [n] (or [1]).
+    Per image exactly imagehash.phash's arithmetic (scipy.fftpack along the same axes)."""
+    from scipy.fftpack import dct
+
+    px = np.asarray(grey)
+    if px.ndim == 2:
+        px = px[None]
+    if px.shape[1:] != (IMG_SIZE, IMG_SIZE):
+        raise ValueError(f"expected [n, {IMG_SIZE}, {IMG_SIZE}] grey pixels, got {px.shape}")
+    coeffs = dct(dct(px, axis=1), axis=2)[:, :HASH_SIZE, :HASH_SIZE].reshape(len(px), -1)
+    med = np.median(coeffs, axis=1, keepdims=True)
+    return bits_to_uint64(coeffs > med)
+
+
+def _flatten_to_grey(img: Image.Image) -> Image.Image:
+    """8-bit luma; transparency composited onto white first."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img if img.mode == "L" else img.convert("L")
+
+
+def box_scale(width: int, height: int) -> int:
+    """The 1/s shrink of the fast path: the largest s of 8, 4, 2, 1 leaving both sides >= DRAFT_SIDE -- the
+    scale libjpeg's DCT-domain decode picks for draft(size=(DRAFT_SIDE, DRAFT_SIDE))."""
+    fit = min(width // DRAFT_SIDE, height // DRAFT_SIDE)
+    return next(s for s in (8, 4, 2, 1) if fit >= s)
+
+
+def grey_thumb(img: Image.Image, fast: bool = True) -> np.ndarray:
+    """The 32x32 uint8 luma the hash is taken of, from an opened (not yet loaded) image."""
+    scale = box_scale(*img.size) if fast else 1
+    if scale > 1 and img.format in ("JPEG", "MPO"):
+        full = img.size
+        img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))  # DCT-domain 1/scale decode of the luma plane only
+        if img.size != full:
+            scale = 1  # done by the decoder
+    grey = _flatten_to_grey(img)
+    if scale > 1:
+        # Other formats (and a JPEG the decoder could not scale): the same 1/scale box average that the
+        # DCT scaling computes (an output pixel = the mean of a scale x scale block), so a PNG and its JPEG
+        # re-upload take the same resampling path and hash alike.
+        grey = grey.reduce(scale)
+    return np.asarray(grey.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def load_grey(path: str | Path, fast: bool = True, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """grey_thumb of an image file (first frame). Raises FileNotFoundError / OSError / ValueError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} above {max_pixels:,} px")
+            return grey_thumb(img, fast)
+
+
+def phash_image(img: Image.Image, fast: bool = False) -> int:
+    """pHash of a PIL image as a Python int (fast=False: the reference definition)."""
+    return int(phash_pixels(grey_thumb(img, fast))[0])
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, FileNotFoundError):
+        return "image_missing", str(exc)[:200]
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image_too_large", str(exc)[:200]
+    return "undecodable_image", f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def hash_chunk(paths: Sequence[str], fast: bool = True, max_pixels: int = MAX_PIXELS
+               ) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Hash a few files in this process: (uint64 hashes [len], [(position, reason, detail)] of failures)."""
+    grey = np.zeros((len(paths), IMG_SIZE, IMG_SIZE), np.uint8)
+    failed: list[tuple[int, str, str]] = []
+    for i, path in enumerate(paths):
+        try:
+            grey[i] = load_grey(path, fast, max_pixels)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                MemoryError, IndexError, TypeError, StructError) as exc:
+            failed.append((i, *_classify(exc)))
+    hashes = phash_pixels(grey)
+    for i, _, _ in failed:
+        hashes[i] = 0
+    return hashes, failed
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "tasks.dedup.hashing"]
+
+
+class _Worker:
+    """One `python -m tasks.dedup.hashing` process: a JSON request a line in, a JSON answer a line out."""
+
+    def __init__(self, cmd: Sequence[str]) -> None:
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                                     encoding="utf-8")
+        assert self.proc.stdout is not None
+        hello = self.proc.stdout.readline()  # sent once its imports are done
+        if not hello.startswith('{"ready"'):
+            code = self.proc.wait()
+            raise RuntimeError(f"hash worker {' '.join(cmd)} did not start (exit code {code}); its stderr is above")
+
+    def ask(self, request: dict) -> dict:
+        """The answer, or ConnectionError when the process died (a decoder crash, an OOM kill)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise ConnectionError(f"hash worker died: {exc}") from exc
+        if not line:
+            raise ConnectionError(f"hash worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc.poll() is None and not kill:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()  # the worker's loop ends at EOF
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+
+def hash_files(
+    paths: Sequence[str | Path],
+    *,
+    workers: int | None = None,
+    fast: bool = True,
+    chunk: int = CHUNK,
+    max_pixels: int = MAX_PIXELS,
+    worker_cmd: Sequence[str] | None = None,
+) -> HashResult:
+    """pHash every file; the result is in the order of `paths`.
+
+    workers: worker processes (default: the usable cores; 0 = in this process, as is a list of at most
+    `chunk` files). Workers are plain subprocesses (`python -m tasks.dedup.hashing`, like ingest's verify
+    workers): no fork next to the caller's threads, no re-import of its __main__. One thread here feeds
+    each worker chunks of `chunk` files. A worker that dies takes only its chunk down: the chunk is split
+    in halves and retried on a fresh worker, down to the single file that did it (`decoder_crash`).
+    `worker_cmd` replaces the worker's command line (tests)."""
+    started = time.perf_counter()
+    paths = [str(p) for p in paths]
+    n = len(paths)
+    hashes = np.zeros(n, np.uint64)
+    ok = np.ones(n, bool)
+    errors: list[HashError] = []
+    workers = default_workers() if workers is None else max(0, int(workers))
+    chunk = max(1, int(chunk))
+    lock = threading.Lock()
+
+    def take(idx: np.ndarray, hs: Sequence[int] | np.ndarray, failed: Sequence[Sequence]) -> None:
+        with lock:
+            hashes[idx] = np.asarray(hs, np.uint64)
+            for pos, reason, detail in failed:
+                i = int(idx[int(pos)])
+                ok[i] = False
+                hashes[i] = 0
+                errors.append(HashError(i, paths[i], str(reason), str(detail)))
+
+    def finish(used: int) -> HashResult:
+        errors.sort(key=lambda e: e.index)
+        return HashResult(hashes, ok, errors, time.perf_counter() - started, used)
+
+    if workers == 0 or n <= chunk:
+        for lo in range(0, n, chunk):
+            idx = np.arange(lo, min(n, lo + chunk))
+            take(idx, *hash_chunk([paths[i] for i in idx], fast, max_pixels))
+        return finish(0)
+
+    queue: deque[np.ndarray] = deque(np.arange(lo, min(n, lo + chunk)) for lo in range(0, n, chunk))
+    open_chunks = [len(queue)]  # queued or in flight; a thread stops when it is 0
+    cmd = list(worker_cmd or worker_command())
+    live: list[_Worker] = []
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        worker: _Worker | None = None
+        try:
+            while True:
+                with lock:
+                    if open_chunks[0] == 0 or failures:
+                        return
+                    idx = queue.popleft() if queue else None
+                if idx is None:  # others still work; a crash may yet give back halves of a chunk
+                    time.sleep(0.005)
+                    continue
+                if worker is None:
+                    worker = _Worker(cmd)
+                    with lock:
+                        live.append(worker)
+                try:
+                    answer = worker.ask({"paths": [paths[i] for i in idx], "fast": fast, "max_pixels": max_pixels})
+                except ConnectionError:
+                    worker.close(kill=True)
+                    worker = None
+                    with lock:
+                        if len(idx) > 1:
+                            half = len(idx) // 2
+                            queue.extendleft([idx[half:], idx[:half]])
+                            open_chunks[0] += 1  # one chunk became two
+                            continue
+                        i = int(idx[0])
+                        ok[i] = False
+                        errors.append(HashError(i, paths[i], "decoder_crash", "the hash worker died on this file"))
+                        open_chunks[0] -= 1
+                    continue
+                if "error" in answer:
+                    raise RuntimeError(f"hash worker: {answer['error']}")
+                take(idx, [int(h, 16) for h in answer["hashes"]], answer["failed"])
+                with lock:
+                    open_chunks[0] -= 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            with lock:
+                failures.append(exc)
+        finally:
+            if worker is not None:
+                worker.close()
+
+    threads = [threading.Thread(target=drive, name=f"dedup-hash-{k}", daemon=True)
+               for k in range(min(workers, len(queue)))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        with lock:
+            if open_chunks[0]:
+                failures.append(RuntimeError("hashing stopped early"))
+        for t in threads:
+            t.join()
+        for w in live:
+            w.close(kill=True)
+    if failures and open_chunks[0]:
+        raise failures[0]
+    return finish(len(threads))
+
+
+def worker_main() -> None:
+    """A hash worker's loop: {"paths", "fast", "max_pixels"} a stdin line -> {"hashes": [hex], "failed":
+    [[position, reason, detail]]} a stdout line; exits at EOF."""
+    from scipy.fftpack import dct  # noqa: F401 - imported before the handshake, not inside the first chunk
+
+    out = sys.stdout
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            hs, failed = hash_chunk(request["paths"], bool(request.get("fast", True)),
+                                    int(request.get("max_pixels", MAX_PIXELS)))
+            answer: dict = {"hashes": [to_hex(h) for h in hs], "failed": failed}
+        except Exception as exc:  # noqa: BLE001 - report it, keep serving
+            answer = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
+# --- distances ------------------------------------------------------------------------------------------
+if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+
+    def popcount(x: np.ndarray) -> np.ndarray:
+        """Set bits per uint64 element, as uint8."""
+        return np.bitwise_count(np.asarray(x, np.uint64))
+
+else:  # pragma: no cover - numpy 1.26
+    _POP8 = np.array([i.bit_count() for i in range(256)], np.uint8)
+
+    def popcount(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.uint64)
+        return _POP8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
+    """Bitwise Hamming distance of uint64 hashes (broadcasting), as uint8."""
+    return popcount(np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64)))
+
+
+def to_hex(h: int | np.integer) -> str:
+    """16 hex digits, as str(imagehash.phash(...)) writes it."""
+    return f"{int(h):016x}"
+
+
+if __name__ == "__main__":
+    worker_main()
