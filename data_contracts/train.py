@@ -38,3 +38,4 @@ class TrainManifest(StageManifest):
     diffusers_dir: str | None = None
     recommended_shift: float | None = None
     samples: list[str] = []
+    phase: str = ""  # the phase of a run in phases (train.phases) this output is; "" for a one-phase run

@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.fm import fm
 
     results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force,
-                 ab=args.ab)
+                 ab=args.ab, phase=args.phase)
     from rich.console import Console
     from rich.table import Table
 
@@ -92,12 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in results:
         rows = ", ".join(f"{k}={v}" for k, v in r["row_counts"].items())
         name = f"{r['stage']} ({r['objective']})" if "objective" in r else r["stage"]
+        name = f"{name} [{r['phase']}]" if r.get("phase") else name
         table.add_row(name, "cached" if r["cached"] else "built", r["fingerprint"], rows, r["output"])
     console = Console()
     console.print(table)
     for r in results:  # full paths (the table may truncate them)
         console.print(f"{r['stage']:>8}: {r['output']}/manifest.json", soft_wrap=True)
-    train = next((r for r in results if r["stage"] == "train"), None)
+    train = next((r for r in reversed(results) if r["stage"] == "train"), None)  # the last phase's
     if train:
         from data_contracts.store import ArtifactStore
         from data_contracts.train import TrainManifest
@@ -529,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild the selected stages even if cached")
     p.add_argument("--ab", action="store_true",
                    help="train with the flow and the DDPM objective (same data and steps), evaluate both")
+    p.add_argument("--phase", default=None, metavar="NAME",
+                   help="with train.phases: run the selected stages of this phase only (earlier phases are "
+                        "reused, or built when missing)")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip the preflight checks (model paths, CUDA, credentials, disk, Danbooru host)")
     _common(p)

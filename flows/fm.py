@@ -33,6 +33,7 @@ from tasks.common.stage import (
     reopen_stage,
     worker_slots,
 )
+from tasks.phases import PHASE_STAGES, check_phase, check_phases, eval_config, has_phases, run_phases
 from tasks.registry import select_stages, stage_spec
 
 
@@ -533,6 +534,31 @@ def run_ab_experiment(cfg: PipelineConfig, force: bool) -> list[dict[str, Any]]:
     return results
 
 
+def run_in_phases(cfg: PipelineConfig, todo: list[str], force: bool, ab: bool, phase: str | None
+                  ) -> list[dict[str, Any]]:
+    """A run in phases (tasks/phases.py): the stages before bucket once, then each phase's bucket, cache and
+    train from the previous phase's weights, then eval on the last phase comparing them all."""
+    from data_contracts.train import TrainManifest
+
+    if ab:
+        raise ConfigError("--ab and train.phases together are not supported: run the A/B on one phase's config")
+    check_phase(cfg, phase)
+    check_phases(cfg)
+    store = _store(cfg)
+    results = [_run_one(stage, cfg, force) for stage in todo if stage not in (*PHASE_STAGES, "eval")]
+
+    def init_path(info: dict[str, Any]) -> str:
+        manifest = store.read_manifest(TrainManifest, info["fingerprint"])
+        return str(store.path(manifest, manifest.checkpoint))
+
+    done = run_phases(cfg, todo, lambda stage, pcfg, f: _run_one(stage, pcfg, f), init_path, force=force,
+                      only=phase)
+    results += done.results
+    if "eval" in todo and phase is None and done.last_config is not None:
+        results.append(_run_one("eval", eval_config(done.last_config, done.trains), force))
+    return results
+
+
 @flow(name="fm", log_prints=True)
 def fm(
     config: str = "demo",
@@ -540,18 +566,22 @@ def fm(
     overrides: list[str] | None = None,
     force: bool = False,
     ab: bool = False,
+    phase: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all implemented, in DAG order) of the pipeline described by `config`.
 
     config: a preset name (demo, nai-v2-fm) or a YAML path; overrides: ["train.lr=1e-5", ...];
     force: rebuild the selected stages even when a complete output with their fingerprint exists;
     ab: after the data stages, train with the flow and the DDPM objective (same data, same step budget)
-    and evaluate both the same way, instead of one train + eval.
+    and evaluate both the same way, instead of one train + eval; phase: with train.phases, run the selected
+    stages of this phase only (its earlier phases' outputs are reused, or built when missing).
     """
     try:
         cfg = load_config(config, overrides)
         todo = select_stages(stages)
         load_prefect_secrets(cfg)
+        if has_phases(cfg) or phase is not None:
+            return run_in_phases(cfg, todo, force, ab, phase)
         results = [_run_one(stage, cfg, force) for stage in todo if not (ab and stage in ("train", "eval"))]
         if ab:
             results += run_ab_experiment(cfg, force)

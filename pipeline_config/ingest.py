@@ -156,6 +156,10 @@ class EmbeddedConfig(Section):
     # 1:4 / 4:1, so that every kohya bucket at 512² gets images once max_side >= 1024; the gpu-check preset).
     # Left out of the fingerprint while classic: outputs made before this option keep their fingerprints.
     aspect: Literal["classic", "danbooru"] = Field("classic", exclude_if=lambda value: value == "classic")
+    # Fraction of the posts that are near-duplicates of an earlier post, as on Danbooru: colour variants (most of
+    # them parent_id-linked to the original), crops of 2-5 %, re-encodes (JPEG quality, PNG<->JPEG, resize);
+    # truth.json records which post each is of (exercises the dedup stage). Left out of the fingerprint while 0.
+    near_duplicates: float = Field(0.0, ge=0.0, le=0.5, exclude_if=lambda value: value == 0)
 
 
 class IngestConfig(Section):

@@ -6,9 +6,9 @@ accumulation, LR 2.5e-5 constant after a 5 % warm-up, bf16 autocast over fp32 we
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline_config.base import Section, execution_field
 
@@ -52,6 +52,30 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "booruflow"
+
+
+PHASE_SECTIONS = ("bucket.", "cache.", "train.")  # what a phase may change: its data, resolution and training
+
+
+class PhaseConfig(Section):
+    """One phase of a run in phases (`train.phases`): a name and what it changes, as dotted keys of the bucket,
+    cache and train sections (data selection `bucket.select.*`, `bucket.resolution`, `train.max_steps`,
+    `train.lr`, `train.batch_size`, ...). Each phase is its own bucket, cache and train output; a phase after
+    the first starts from the previous phase's exported weights."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("overrides")
+    @classmethod
+    def _sections(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        for key in overrides:
+            if not key.startswith(PHASE_SECTIONS) or key.count(".") < 1:
+                raise ValueError(f"phase override {key!r}: a phase changes keys of bucket, cache or train "
+                                 f"(e.g. bucket.resolution, train.lr)")
+            if key.startswith(("train.phases", "train.phase")):
+                raise ValueError(f"phase override {key!r}: phases do not nest")
+        return overrides
 
 
 class TrainConfig(Section):
@@ -141,10 +165,19 @@ class TrainConfig(Section):
     ema: EmaConfig = EmaConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    # --- phases (tasks/phases.py) ------------------------------------------------------------------
+    # Empty: one phase, this section as it is. Otherwise each phase is run in order with its overrides,
+    # from the previous phase's export. Neither key is in the fingerprint: each phase's own config is.
+    phases: list[PhaseConfig] = execution_field([])
+    phase: str = execution_field("")  # set on a phase's own config: the name of the phase it runs
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.sampling.prompts and len(self.sampling.seeds) == 0:
             raise ValueError("sampling.seeds must name at least one seed when sampling.prompts is set")
         if any(not 0.0 < s < 1.0 for s in self.validation.sigmas):
             raise ValueError("validation.sigmas must lie strictly between 0 and 1")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train.phases: phase names must be unique (got {names})")
         return self

@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline_config.bucket import BucketConfig
+from pipeline_config.bucket import TAG_COLUMNS, BucketConfig, BucketSelect
 
 
 @dataclass(frozen=True, order=True)
@@ -283,3 +285,118 @@ def assign(ids: np.ndarray, width: np.ndarray, height: np.ndarray, cfg: BucketCo
         kid, kw.astype(np.int64), kh.astype(np.int64), kbw, kbh, rw, rh, *box, flip,
         rejects, initial, mapping,
     )
+
+
+SELECT_RULES = ("quality_label", "rating", "min_pixels", "min_side", "require_tags", "exclude_tags")
+
+
+@dataclass
+class Selection:
+    """Result of select_posts, aligned with its input rows."""
+
+    mask: np.ndarray  # True = selected
+    reasons: list[str]  # "" for a selected row, else every rule it fails, "; "-joined
+    rule_counts: dict[str, int]  # rows failing each rule that is set (a row may fail several)
+
+    @property
+    def selected(self) -> int:
+        return int(self.mask.sum())
+
+
+def selection_columns(sel: BucketSelect) -> tuple[list[str], list[str]]:
+    """(quality columns, ingest posts columns) that select_posts needs beyond id, width and height."""
+    quality = ["label"] if sel.quality_labels else []
+    posts = (["rating"] if sel.ratings else []) + (list(TAG_COLUMNS) if sel.require_tags or sel.exclude_tags else [])
+    return quality, posts
+
+
+def _in(values, allowed: list[str], n: int) -> tuple[np.ndarray, list]:
+    """(value in allowed, values as a list) for a string column (pyarrow or sequence); null is never in."""
+    if values is None:
+        values = pa.nulls(n, pa.string())
+    elif not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(list(values), pa.string())
+    found = pc.fill_null(pc.is_in(values, value_set=pa.array(allowed, pa.string())), False)
+    return found.to_numpy(zero_copy_only=False).astype(bool), values.to_pylist()
+
+
+def _has_tag(tag_columns: list, tags: list[str], n: int) -> dict[str, np.ndarray]:
+    """Per tag, whether each row lists it in any of the list<string> tag columns (nulls: no tags)."""
+    has = {t: np.zeros(n, bool) for t in tags}
+    for col in tag_columns:
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        elif not isinstance(col, pa.Array):
+            col = pa.array(list(col), pa.list_(pa.string()))
+        parents = pc.list_parent_indices(col).to_numpy()
+        flat = pc.list_flatten(col)
+        for t in tags:
+            hit = pc.fill_null(pc.equal(flat, t), False).to_numpy(zero_copy_only=False)
+            has[t][parents[hit]] = True
+    return has
+
+
+def select_posts(
+    sel: BucketSelect,
+    width: np.ndarray,
+    height: np.ndarray,
+    label=None,
+    rating=None,
+    tags: list | None = None,
+) -> Selection:
+    """Which rows the phase's data selection keeps, and why each other row is left out.
+
+    Arrays are aligned (one entry per post): width/height of the original (NaN when unknown; such a
+    post passes the size rules and is left to the bucketing's bad_size check), the quality label,
+    the rating, and the tag columns (list<string> arrays, e.g. the ingest posts' TAG_COLUMNS). A
+    column only has to be given when its rule is set (see selection_columns).
+    """
+    w = np.asarray(width, np.float64)
+    h = np.asarray(height, np.float64)
+    n = len(w)
+    fails: dict[str, np.ndarray] = {}  # rule -> failing rows
+    details: list[tuple[str, np.ndarray, object]] = []  # (rule, failing rows, detail(i))
+
+    def rule(name: str, failing: np.ndarray, detail) -> None:
+        fails[name] = fails.get(name, np.zeros(n, bool)) | failing
+        details.append((name, failing, detail))
+
+    if sel.quality_labels:
+        ok, labels = _in(label, sel.quality_labels, n)
+        allowed = f"[{', '.join(sel.quality_labels)}]"
+        rule("quality_label", ~ok,
+             lambda i: f"quality_label {labels[i]!r} not in {allowed}")
+    if sel.ratings:
+        ok, ratings = _in(rating, sel.ratings, n)
+        allowed_r = f"[{', '.join(sel.ratings)}]"
+        rule("rating", ~ok,
+             lambda i: f"rating {ratings[i]!r} not in {allowed_r}")
+    known = np.isfinite(w) & np.isfinite(h)
+    with np.errstate(invalid="ignore"):
+        if sel.min_pixels:
+            rule("min_pixels", known & (w * h < sel.min_pixels),
+                 lambda i: f"{int(w[i])}x{int(h[i])} < min_pixels {sel.min_pixels}")
+        if sel.min_side:
+            rule("min_side", known & (np.minimum(w, h) < sel.min_side),
+                 lambda i: f"{int(w[i])}x{int(h[i])}: short side < min_side {sel.min_side}")
+    if sel.require_tags or sel.exclude_tags:
+        if tags is None:
+            raise ValueError("select_posts: require_tags/exclude_tags need the tag columns")
+        has = _has_tag(tags, sel.require_tags + sel.exclude_tags, n)
+        for t in sel.require_tags:
+            rule("require_tags", ~has[t], lambda i, t=t: f"lacks tag {t!r}")
+        for t in sel.exclude_tags:
+            rule("exclude_tags", has[t], lambda i, t=t: f"has excluded tag {t!r}")
+
+    out = np.zeros(n, bool)
+    for failing in fails.values():
+        out |= failing
+    per_row: dict[int, list[str]] = {}
+    for _, failing, detail in details:
+        for i in np.flatnonzero(failing).tolist():
+            per_row.setdefault(i, []).append(detail(i))
+    reasons = [""] * n
+    for i, texts in per_row.items():
+        reasons[i] = "; ".join(texts)
+    counts = {r: int(fails[r].sum()) for r in SELECT_RULES if r in fails}
+    return Selection(~out, reasons, counts)

@@ -17,7 +17,7 @@ from data_contracts.errors import StageError
 from data_contracts.ingest import POSTS_SCHEMA
 from data_contracts.quality import QUALITY_SCHEMA
 from data_contracts.tables import REJECTS_SCHEMA, write_table
-from pipeline_config.bucket import BucketConfig
+from pipeline_config.bucket import TAG_COLUMNS, BucketConfig
 from tasks.bucket import core
 from tasks.bucket.visuals import make_bucket_sheets
 from tasks.common.upstream import read_upstream
@@ -33,19 +33,49 @@ MAX_ITEMS = 16  # thumbnails per bucket sheet
 MAX_BUCKETS = 12  # sheets: the fullest buckets
 
 
+def _rows(table: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, found) per id: the first row of `table` with that id (rows of missing ids are arbitrary)."""
+    table_ids = table.column("id").to_numpy()
+    if len(table_ids) == 0:
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    order = np.argsort(table_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(table_ids[order], ids), len(table_ids) - 1)
+    rows = order[pos]
+    return rows, table_ids[rows] == ids
+
+
 def _sizes(posts: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(width, height, found) per id; a missing post or null size comes back as NaN."""
-    post_ids = posts.column("id").to_numpy()
-    if len(post_ids) == 0:
+    if posts.num_rows == 0:
         nan = np.full(len(ids), np.nan)
         return nan, nan.copy(), np.zeros(len(ids), bool)
-    order = np.argsort(post_ids, kind="stable")
-    pos = np.minimum(np.searchsorted(post_ids[order], ids), len(post_ids) - 1)
-    rows = order[pos]
-    found = post_ids[rows] == ids
+    rows, found = _rows(posts, ids)
     w = posts.column("width").to_numpy(zero_copy_only=False).astype(np.float64)[rows]
     h = posts.column("height").to_numpy(zero_copy_only=False).astype(np.float64)[rows]
     return w, h, found
+
+
+def _select(posts: pa.Table, quality: pa.Table, ids: np.ndarray, w: np.ndarray, h: np.ndarray,
+            cfg: BucketConfig) -> tuple[core.Selection, str]:
+    """The phase's data selection over the posts with metadata (ids, w, h aligned), and its summary line."""
+    sel = cfg.select
+    rows, _ = _rows(posts, ids)
+    take = pa.array(rows, pa.int64())
+    label = None
+    if sel.quality_labels:
+        qrows, _ = _rows(quality, ids)
+        label = quality.column("label").take(pa.array(qrows, pa.int64()))
+    rating = posts.column("rating").take(take) if sel.ratings else None
+    tags = [posts.column(c).take(take) for c in TAG_COLUMNS] if sel.require_tags or sel.exclude_tags else None
+    s = core.select_posts(sel, w, h, label=label, rating=rating, tags=tags)
+    rules = ", ".join(f"{rule} {n}" for rule, n in s.rule_counts.items())
+    line = f"selection (bucket.select): {s.selected} of {len(ids)} posts selected; not selected by rule: {rules}"
+    if s.selected == 0:
+        raise StageError(
+            f"bucket: bucket.select leaves no post out of {len(ids)} (failing by rule: {rules}); "
+            "loosen bucket.select (quality_labels, min_pixels, min_side, ratings, require_tags, exclude_tags)"
+        )
+    return s, line
 
 
 def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tuple[pa.Table, pa.Table, dict, StageReport]:
@@ -56,8 +86,18 @@ def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tupl
         {"id": int(i), "reason": "no_metadata", "detail": "id is in quality.parquet but not in the ingest posts"}
         for i in ids[~found]
     ]
+    ids_ok, w_ok, h_ok = ids[found], w[found], h[found]
+    select_line, selection_stats = "", None
+    if cfg.select.active and len(ids_ok):  # before bucketing: small-bucket merging sees only the selected posts
+        s, select_line = _select(posts, quality, ids_ok, w_ok, h_ok, cfg)
+        pre_rejects += [
+            {"id": int(i), "reason": "not_selected", "detail": s.reasons[k]}
+            for k, i in zip(np.flatnonzero(~s.mask).tolist(), ids_ok[~s.mask].tolist())
+        ]
+        selection_stats = {"selected": s.selected, "of": len(ids_ok), "not_selected_by_rule": s.rule_counts}
+        ids_ok, w_ok, h_ok = ids_ok[s.mask], w_ok[s.mask], h_ok[s.mask]
     predefined = [] if cfg.no_upscale else core.make_buckets(cfg)
-    a = core.assign(ids[found], w[found], h[found], cfg, predefined or None)
+    a = core.assign(ids_ok, w_ok, h_ok, cfg, predefined or None)
     rejects = sorted(pre_rejects + a.rejects, key=lambda r: r["id"])
     if len(a.ids) == 0:
         reasons = Counter(r["reason"] for r in rejects)
@@ -106,6 +146,8 @@ def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tupl
         "mean_kept_fraction": round(float(kept_px.mean()), 4),  # crop keeps this share of the pixels
         "flipped": int(a.flip.sum()),
     }
+    if selection_stats is not None:
+        stats["selection"] = selection_stats
     used = [r for r in bucket_rows if r["count"]]
     lines = [
         f"### bucket: {len(a.ids)} samples in {len(used)} buckets"
@@ -113,6 +155,7 @@ def build_buckets(posts: pa.Table, quality: pa.Table, cfg: BucketConfig) -> tupl
         f"area {cfg.resolution}², step {cfg.step}, sides {cfg.min_side}..{cfg.max_side}; "
         f"min samples per bucket {cfg.bucket_threshold} ({cfg.small_buckets}); crop {cfg.crop}; "
         f"flip p={cfg.flip_prob}; {upscaled} upscaled; crops keep {kept_px.mean():.1%} of the pixels",
+        *([select_line] if select_line else []),
         "",
         "| bucket | aspect | count | merged from |",
         "|---|---|---|---|",
@@ -170,8 +213,9 @@ def make_pictures(ctx: StageContext, table: pa.Table, bucket_counts: dict[str, i
 def build(ctx: StageContext) -> StageResult:
     cfg: BucketConfig = ctx.section
     ctx.progress(0.0, "reading quality and posts")
-    quality = read_upstream(ctx.store, ctx.upstream["quality"], "quality", QUALITY_SCHEMA, ["id"])
-    posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "width", "height"])
+    quality_cols, posts_cols = core.selection_columns(cfg.select)  # extra columns only for an active select
+    quality = read_upstream(ctx.store, ctx.upstream["quality"], "quality", QUALITY_SCHEMA, ["id", *quality_cols])
+    posts = read_upstream(ctx.store, ctx.upstream["ingest"], "posts", POSTS_SCHEMA, ["id", "width", "height", *posts_cols])
     ctx.progress(0.3, f"bucketing {quality.num_rows} samples")
     table, rejects, info, report = build_buckets(posts, quality, cfg)
     write_table(table, ctx.work / BUCKETS_FILE, BUCKETS_SCHEMA)

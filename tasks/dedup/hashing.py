@@ -113,7 +113,7 @@ def box_scale(width: int, height: int) -> int:
     """The 1/s shrink of the fast path: the largest s of 8, 4, 2, 1 leaving both sides >= DRAFT_SIDE -- the
     scale libjpeg's DCT-domain decode picks for draft(size=(DRAFT_SIDE, DRAFT_SIDE))."""
     fit = min(width // DRAFT_SIDE, height // DRAFT_SIDE)
-    return next(s for s in (8, 4, 2, 1) if fit >= s)
+    return next((s for s in (8, 4, 2, 1) if fit >= s), 1)  # a side under DRAFT_SIDE px: no shrink
 
 
 def grey_thumb(img: Image.Image, fast: bool = True) -> np.ndarray:

@@ -34,6 +34,42 @@ def summary_rows(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCheckpoin
     return out
 
 
+def phase_rows(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCheckpoint], phases: dict[str, str]
+               ) -> list[dict[str, Any]]:
+    """A run in phases: per concept, the probe hit rate of each phase's final checkpoint and the change from the
+    first phase to the last (negative: the later phase forgot some of it). [] with fewer than two phases."""
+    finals: dict[str, EvalCheckpoint] = {}
+    for ck in checkpoints:
+        name = phases.get(ck.run)
+        if name is not None and (name not in finals or ck.step >= finals[name].step):
+            finals[name] = ck
+    if len(finals) < 2:
+        return []
+    order = [name for name in dict.fromkeys(phases.values()) if name in finals]
+    by = {(r["checkpoint"], r["concept"]): r for r in rows if r["kind"] in ("character", "artist")}
+    out = []
+    for concept, kind in dict.fromkeys((r["concept"], r["kind"]) for r in rows if r["kind"] in ("character", "artist")):
+        row: dict[str, Any] = {"concept": concept, "kind": kind}
+        for name in order:
+            hit = by.get((finals[name].id, concept))
+            row[name] = None if hit is None else hit["probe_hit_rate"]
+        first, last = row[order[0]], row[order[-1]]
+        row["change"] = None if first is None or last is None else round(last - first, 4)
+        out.append(row)
+    return out
+
+
+def phase_markdown(rows: list[dict[str, Any]]) -> str:
+    """One line on what the later phase kept of the earlier one's concepts."""
+    changes = [r["change"] for r in rows if r["change"] is not None]
+    if not changes:
+        return ""
+    names = [k for k in rows[0] if k not in ("concept", "kind", "change")]
+    worst = min(rows, key=lambda r: r["change"] if r["change"] is not None else 0.0)
+    return (f"\n- phases {' -> '.join(names)}: probe hit rate change per concept, mean {np.mean(changes):+.3f}, "
+            f"largest drop {worst['change']:+.3f} ({worst['concept']}); table `phases`\n")
+
+
 def learning_curve_plot(rows: list[dict[str, Any]], checkpoints: Sequence[EvalCheckpoint], path: Path) -> bool:
     """Mean probe hit rate (and tag hit rate where known) against training step, one line per objective.
 

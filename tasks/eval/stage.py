@@ -32,7 +32,14 @@ from data_contracts.train import TrainManifest
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.eval.concepts import Concept, control_concepts, select_concepts, training_rows
 from tasks.eval.probe import CentroidProbe, TaggerEmbedder, encode_images, latent_features, prob_logits
-from tasks.eval.report import learning_curve_plot, probe_quality, summary_markdown, summary_rows
+from tasks.eval.report import (
+    learning_curve_plot,
+    phase_markdown,
+    phase_rows,
+    probe_quality,
+    summary_markdown,
+    summary_rows,
+)
 from tasks.models.single_file import read_metadata
 from tasks.models.vae import decode_latents
 from tasks.sample.grid import labelled_grid
@@ -83,7 +90,8 @@ def plan_checkpoints(ctx: StageContext) -> list[EvalCheckpoint]:
             out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}-s{int(step)}",
                                       label=f"{r.objective} {r.fingerprint[:8]}", spec=str(ctx.store.path(r, rel)),
                                       run=r.fingerprint, objective=r.objective, step=int(step)))
-        out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}", label=f"{r.objective} {r.fingerprint[:8]}",
+        name = f"{r.objective} {r.phase}" if r.phase else f"{r.objective} {r.fingerprint[:8]}"  # a phase by name
+        out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}", label=name,
                                   spec=str(ctx.store.path(r, r.checkpoint)), run=r.fingerprint,
                                   objective=r.objective, step=r.steps))
     for i, spec in enumerate(cfg.checkpoints):
@@ -91,6 +99,13 @@ def plan_checkpoints(ctx: StageContext) -> list[EvalCheckpoint]:
         out.append(EvalCheckpoint(id=f"extra-{i}", label=Path(spec).name or spec, spec=spec, run="extra",
                                   objective=objective, step=step))
     return out
+
+
+def _run_phases(ctx: StageContext) -> dict[str, str]:
+    """Train output fingerprint -> its phase name, for the runs of a run in phases (train.phases)."""
+    train: TrainManifest = ctx.upstream["train"]
+    runs = [train] + [ctx.store.read_manifest(TrainManifest, fp) for fp in ctx.section.compare if fp != train.fingerprint]
+    return {r.fingerprint: r.phase for r in runs if r.phase}
 
 
 def base_model(ctx: StageContext) -> str:
@@ -284,11 +299,13 @@ def build(ctx: StageContext) -> StageResult:
     plot = learning_curve_plot(all_rows, checkpoints, ctx.work / PLOT_FILE)
     summary = summary_rows(all_rows, checkpoints)
     md = summary_markdown(summary, cfg, concepts, tag_idx, dropped, tagger.folder.name, probe_quality(all_rows))
+    phases = phase_rows(all_rows, checkpoints, _run_phases(ctx))
+    md += phase_markdown(phases)
     images = {"learning curve": PLOT_FILE} if plot else {}
     images.update({f"samples: {ck.label} (step {ck.step})": f"grids/{ck.id}.png" for ck in checkpoints})
     report = StageReport(
         summary_md=md,
-        tables={"checkpoints": summary,
+        tables={"checkpoints": summary, **({"phases": phases} if phases else {}),
                 "results": [{k: v for k, v in r.items() if k not in ("prompt", "samples", "run")} for r in all_rows]},
         images=images,
     )

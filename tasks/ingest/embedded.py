@@ -1,8 +1,9 @@
 """The embedded default: `api.base_url: "embedded:minibooru"` crawls a generated mini-booru over real HTTP.
 
-The mini-booru is generated once into `<runtime.cache_dir>/minibooru-<posts>-<seed>-<max_side>` (reused by
-later runs) and served on a free loopback port only while the stage runs. Nothing else differs from a crawl
-of danbooru.donmai.us: same client, paging, retries, verification.
+The mini-booru is generated once into `<runtime.cache_dir>/minibooru-<posts>-<seed>-<max_side>` (plus
+`-<aspect>` and `-nd<near_duplicates>` where they are not the defaults; reused by later runs) and served on a
+free loopback port only while the stage runs. Nothing else differs from a crawl of danbooru.donmai.us: same
+client, paging, retries, verification.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ log = logging.getLogger("booruflow.ingest")
 
 def minibooru_dir(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
     suffix = "" if cfg.aspect == "classic" else f"-{cfg.aspect}"  # two aspects in one cache_dir never clash
+    if cfg.near_duplicates:
+        suffix += f"-nd{cfg.near_duplicates:g}"
     return Path(cache_dir) / f"minibooru-{cfg.posts}-{cfg.seed}-{cfg.max_side}{suffix}"
 
 
@@ -47,7 +50,8 @@ def ensure_minibooru(cache_dir: str | Path, cfg: EmbeddedConfig) -> Path:
     generate_minibooru = _minibooru().generate_minibooru
 
     folder = minibooru_dir(cache_dir, cfg)
-    booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side, aspect=cfg.aspect)
+    booru = generate_minibooru(folder, cfg.posts, cfg.seed, max_side=cfg.max_side, aspect=cfg.aspect,
+                               near_duplicates=cfg.near_duplicates)
     return Path(booru.root)
 
 

@@ -32,7 +32,6 @@ from data_contracts.errors import ConfigError
 from tasks.common.sizes import human_size
 from tasks.models.configs import SD15_CONFIG_DIR
 from tasks.models.single_file import (
-    canonicalise_header,
     export_single_file,
     make_tree_readable,
     read_metadata,
@@ -180,7 +179,6 @@ def write_random_tagger(out_dir: Path, *, seed: int = 0, model_args: dict[str, A
         log(f"building the SwinV2 tagger ({args['img_size']} px) with random weights (seed {seed})"
             + (" and exporting ONNX" if onnx else "") + " ...")
         write_tagger_folder(tmp, labels_csv, seed, args, with_onnx=onnx, name="random-wd-swinv2")
-        canonicalise_header(tmp / WEIGHTS_NAME)  # sorted metadata: the same seed gives the same bytes
         make_tree_readable(tmp)
         if folder.exists():  # --force, or an incomplete folder: swap, so the final name never holds a mix
             os.rename(folder, old)

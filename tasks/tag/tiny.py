@@ -91,6 +91,11 @@ def write_tagger_folder(folder: Path, labels_csv: Path, seed: int, model_args: d
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "booruflow": f"{name} seed {seed}"})
+    # safetensors writes the metadata in hash-map order, which changes from process to process: sorted, the
+    # same seed gives the same bytes (and so the same tag fingerprint) on every machine
+    from tasks.models.single_file import canonicalise_header
+
+    canonicalise_header(folder / WEIGHTS_NAME)
     if with_onnx:
         export_onnx(model, folder / ONNX_NAME, int(config["model_args"]["img_size"]))
     return folder

@@ -149,7 +149,7 @@ def build(ctx: StageContext) -> StageResult:
             "objective": result["objective"], "base_model_identity": result["base_model_identity"],
             "steps": result["steps"], "epochs": result["epochs"], "checkpoint": result["checkpoint"],
             "diffusers_dir": result.get("diffusers_dir"), "recommended_shift": result.get("recommended_shift"),
-            "samples": result.get("samples", []),
+            "samples": result.get("samples", []), "phase": ctx.cfg.train.phase,
         },
         report=report,
     )

@@ -333,3 +333,16 @@ def test_group_sheet_shows_largest_groups_representative_first(tmp_path, picture
     for rel in images.values():
         with Image.open(tmp_path / rel) as img:
             assert img.width >= 480 and img.height > 200
+
+
+def test_a_picture_smaller_than_the_draft_side_is_hashed_not_an_error(tmp_path):
+    from PIL import Image
+
+    from tasks.dedup.hashing import hash_files, phash_image
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (100, 50), (200, 30, 30)).save(path)
+    result = hash_files([str(path)], workers=0)
+    assert result.ok.tolist() == [True] and not result.errors
+    with Image.open(path) as img:
+        assert int(result.hashes[0]) == phash_image(img, fast=False)  # no shrink below the draft side

@@ -65,6 +65,7 @@ def make_config(root: Path, **sections):
         "ingest": {"embedded": {"posts": 300, "seed": 0, "max_side": 128},
                    "queries": [{"tags": c} for c in CHARACTERS],
                    "filters": {"min_width": 0, "min_height": 0}, "min_per_character": 0},
+        "dedup": {"enabled": False},  # 128 px pictures from few templates: the probes need every post
         "tag": {"batch_size": 16},
         "quality": {"min_posts_per_year": 1},
         "bucket": {"resolution": 64, "step": 32, "min_side": 32, "max_side": 128, "min_image_side": 0},
@@ -124,6 +125,6 @@ def trained(tmp_path_factory, eval_registered):
     run("ingest", cfg, store)
     model = calibrated_tiny(cfg, store, root / "tiny-calibrated.safetensors")
     cfg = make_config(root, cache={"model": str(model)}, train={"model": str(model)})
-    for stage in ("tag", "quality", "bucket", "cache", "train"):
+    for stage in ("dedup", "tag", "quality", "bucket", "cache", "train"):
         run(stage, cfg, store)
     return root, store, cfg

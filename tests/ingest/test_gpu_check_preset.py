@@ -146,7 +146,7 @@ def test_default_options_still_plan_todays_sizes():
     demo = load_config("demo")
     assert demo.ingest.embedded.aspect == "classic"
     # the default stays out of the ingest fingerprint: outputs made before the option keep theirs
-    assert demo.ingest.fingerprint_dict()["embedded"] == {"posts": 300, "seed": 0, "max_side": 768}
+    assert demo.ingest.fingerprint_dict()["embedded"] == {"posts": 300, "seed": 0, "max_side": 768, "near_duplicates": 0.08}
     assert load_config("demo", ["ingest.embedded.aspect=danbooru"]).ingest.fingerprint_dict()["embedded"]["aspect"] \
         == "danbooru"
 

@@ -20,7 +20,12 @@ Layout of a generated folder (`generate_minibooru(out_dir, ...)`):
                      the random dropping that imitates incomplete Danbooru tagging), md5 (a stand-in for hidden
                      posts), file_ext, has_file, composition, background, rating, hidden, year}},
                      "characters": {tag: {series, look}}, "series": {...}, "artists": {tag: {style}}}
-    minibooru.json   the completion marker, written last: parameters, counts, universe lists.
+                     A planted near-duplicate (`near_duplicates` > 0) also has variant_of (the original's id),
+                     variant_kind ("colour" | "crop" | "reencode"), variant_edit (what was done, e.g.
+                     "hair:black->navy", "crop:l0.03,t0.02;resized", "jpeg:q90->q62", "png->jpg",
+                     "resize:0.72") and variant_parent (whether its parent_id names the original).
+    minibooru.json   the completion marker, written last: parameters, counts, universe lists (and, with
+                     near_duplicates > 0, "variants": {kind: count}).
 
 "highres"/"absurdres" thresholds scale with max_side (1600x1200 / 3200x2400 with max_side playing 3400 px), so a
 768 px mini-booru still has both.
@@ -30,9 +35,30 @@ few ratios, plus rare tall/wide strips) or "danbooru" (a Danbooru-like spread fo
 2:3 and 3:4 portrait, some square, some landscape, and a few tall and wide strips up to 1:4 / 4:1, so that kohya's
 17 buckets at 512² all get images when max_side >= 1024). Every post is drawn from its own seeded generator, so
 posts are rendered in worker processes when there are many (`workers`), with the same bytes as a serial run.
+
+Near-duplicates (`near_duplicates`, a fraction of the posts; 0.0, the default, generates exactly what the generator
+made before the option existed): that share of ordinary posts is replaced by an edit of an EARLIER visible
+jpg/png/webp post of the same booru, as Danbooru has them. The variant has a later id and created_at than its
+original, is active (not deleted, banned or restricted), gets a new file (new md5) and a score of its own
+(usually lower than the original's):
+  colour    (40 %) a colour variant: the original scene re-rendered with the first figure's hair in another
+            colour of about the same lightness (hair tags follow: "<new>_hair", often "alternate_hair_color"),
+            or with the background's palette hue-rotated (a plain colour/gradient background changes its
+            "<tint>_background" tag). Same file type. parent_id = the original for 85 % of them (uploaders
+            link colour variant sets), and the original gets has_children.
+  crop      (25 %) 2-5 % cut off one (60 %), two (30 %) or all four edges, then scaled back to the original's
+            long side (half of them) or not, re-encoded in the original's file type. No parent_id.
+  reencode  (35 %) another JPEG quality, PNG<->JPEG (webp -> jpg/png), or a resize to 50-85 % (some upscales
+            up to max_side). No parent_id.
+Each variant shares the original's posted character, copyright and artist tags and most of its general tags
+(a few dropped, a few that the original's tagger missed added); meta tags follow the new size. Colour variants
+are uploaded together with their original (mostly the post just before them, minutes later); crops and
+re-encodes are of any earlier post (often years later), so an original can have several variants. Variants are
+never the original of another variant.
 """
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import functools
 import hashlib
@@ -43,6 +69,7 @@ import os
 import re
 import shutil
 import zipfile
+from bisect import bisect_left
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -51,12 +78,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .render import COLOURS, Figure, Look, Scene, Style, placeholder, render_scene
+from .render import COLOURS, Figure, Look, Scene, Style, _hue_sat_matrix, placeholder, render_scene
 
 MARKER = "minibooru.json"
 GENERATOR_VERSION = 1
 ASPECTS = ("classic", "danbooru")
 DEFAULT_ASPECT = "classic"
+MAX_NEAR_DUPLICATES = 0.5  # at most half the posts are edits of another
+VARIANT_KINDS = ("colour", "crop", "reencode")
 # Below this many posts a generation runs in this process: worker start-up (~0.5 s) outweighs the gain.
 PARALLEL_MIN_POSTS = 1000
 MIN_YEAR, MAX_YEAR = 2005, 2026
@@ -222,6 +251,7 @@ class MiniBooru:
     series: list[str] = field(default_factory=list)
     artists: list[str] = field(default_factory=list)
     aspect: str = DEFAULT_ASPECT
+    near_duplicates: float = 0.0
 
     @property
     def posts_path(self) -> Path:
@@ -257,24 +287,27 @@ class MiniBooru:
     def open(cls, root: Path) -> "MiniBooru":
         meta = json.loads((Path(root) / MARKER).read_text(encoding="utf-8"))
         return cls(Path(root), meta["n_posts"], meta["seed"], meta["max_side"], meta["characters"], meta["series"],
-                   meta["artists"], meta.get("aspect", DEFAULT_ASPECT))
+                   meta["artists"], meta.get("aspect", DEFAULT_ASPECT), meta.get("near_duplicates", 0.0))
 
 
 # ------------------------------------------------------------------------------------------- generation
 
 
-def _params(n_posts: int, seed: int, max_side: int, aspect: str = DEFAULT_ASPECT) -> dict:
-    """What decides a generation (its cache key, written into the marker). The default aspect is left out, so
-    markers and folders of the classic draw are the same as before the option existed."""
+def _params(n_posts: int, seed: int, max_side: int, aspect: str = DEFAULT_ASPECT, near_duplicates: float = 0.0) -> dict:
+    """What decides a generation (its cache key, written into the marker). The default aspect and
+    near_duplicates 0 are left out, so markers and folders made without them are the same as before the
+    options existed."""
     params = {"n_posts": n_posts, "seed": seed, "max_side": max_side, "version": GENERATOR_VERSION}
     if aspect != DEFAULT_ASPECT:
         params["aspect"] = aspect
+    if near_duplicates:
+        params["near_duplicates"] = float(near_duplicates)
     return params
 
 
 def _cache_key(params: dict) -> tuple:
     return (params.get("n_posts"), params.get("seed"), params.get("max_side"), params.get("version"),
-            params.get("aspect", DEFAULT_ASPECT))
+            params.get("aspect", DEFAULT_ASPECT), float(params.get("near_duplicates", 0.0)))
 
 
 def default_workers(n_posts: int) -> int:
@@ -290,9 +323,13 @@ def default_workers(n_posts: int) -> int:
 
 
 def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_side: int = 768,
-                       aspect: str = DEFAULT_ASPECT, workers: int | None = None) -> MiniBooru:
-    """Generate (or reuse) a mini-booru in `out_dir`; deterministic by (n_posts, seed, max_side, aspect).
+                       aspect: str = DEFAULT_ASPECT, near_duplicates: float = 0.0,
+                       workers: int | None = None) -> MiniBooru:
+    """Generate (or reuse) a mini-booru in `out_dir`; deterministic by (n_posts, seed, max_side, aspect,
+    near_duplicates).
 
+    near_duplicates: the fraction of posts that are edits of an earlier post (see the module doc; 0 = none, the
+    output of the generator before the option existed).
     workers: processes that render the posts (None = `default_workers(n_posts)`); the output does not depend on it.
     """
     out_dir = Path(out_dir)
@@ -302,9 +339,10 @@ def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_
         raise ValueError("max_side must be >= 64")
     if aspect not in ASPECTS:
         raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, found {aspect!r}")
+    _check_near_duplicates(near_duplicates)
     if workers is not None and workers < 1:
         raise ValueError("workers must be >= 1")
-    params = _params(n_posts, seed, max_side, aspect)
+    params = _params(n_posts, seed, max_side, aspect, near_duplicates)
     marker = out_dir / MARKER
     if marker.exists():
         try:
@@ -321,12 +359,16 @@ def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_
     images.mkdir()
 
     plans = _plan_posts(n_posts, seed, max_side, aspect)
+    if near_duplicates:
+        plans = _plant_variants(plans, seed, max_side, near_duplicates)
     posts: list[dict] = []
     truth_posts: dict[str, dict] = {}
     for post, truth in _materialise_all(plans, images, max_side, workers or default_workers(n_posts)):
         posts.append(post)
         truth_posts[str(post["id"])] = truth
     _link_parents(posts, plans)
+    if near_duplicates:
+        _link_variants(posts, plans)
 
     _atomic_write(out_dir / "posts.jsonl", "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in posts))
     _atomic_write(out_dir / "tags.json", json.dumps(build_tags(posts), indent=0))
@@ -340,6 +382,9 @@ def generate_minibooru(out_dir: Path, n_posts: int = 300, seed: int = 0, *, max_
     meta = {**params, "characters": [c.tag for c in CHARACTERS],
             "series": [s.tag for s in SERIES], "artists": [a.tag for a in ARTISTS],
             "posts_with_images": sum(1 for p in posts if "md5" in p), "ids": [posts[0]["id"], posts[-1]["id"]]}
+    if near_duplicates:
+        kinds = [plan["variant"]["kind"] for plan in plans if plan.get("variant")]
+        meta["variants"] = {k: kinds.count(k) for k in VARIANT_KINDS}
     _atomic_write(marker, json.dumps(meta, indent=1))
     return MiniBooru.open(out_dir)
 
@@ -357,16 +402,31 @@ def _materialise_all(plans: list[dict], images: Path, max_side: int, workers: in
         return list(pool.map(job, plans, chunksize=chunk))
 
 
-def planned_sizes(n_posts: int, seed: int = 0, *, max_side: int = 768, aspect: str = DEFAULT_ASPECT) -> list[dict]:
+def planned_sizes(n_posts: int, seed: int = 0, *, max_side: int = 768, aspect: str = DEFAULT_ASPECT,
+                  near_duplicates: float = 0.0) -> list[dict]:
     """Each post's image size and kind as `generate_minibooru` would make them, without rendering anything
     (milliseconds per thousand posts): {"id", "role", "width", "height", "deleted", "banned", "restricted"}.
-    role is "" for an ordinary picture, else the special kind (gif, mp4, zip, swf, comic, small, tall, wide, ...)."""
+    role is "" for an ordinary picture, "variant" for a planted near-duplicate, else the special kind (gif, mp4,
+    zip, swf, comic, small, tall, wide, ...)."""
     if aspect not in ASPECTS:
         raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, found {aspect!r}")
+    _check_near_duplicates(near_duplicates)
+    plans = _plan_posts(n_posts, seed, max_side, aspect)
+    if near_duplicates:
+        plans = _plant_variants(plans, seed, max_side, near_duplicates)
     out = []
-    for plan in _plan_posts(n_posts, seed, max_side, aspect):
-        scene = _draw_scene(plan, np.random.default_rng(plan["seed"]), max_side).scene  # the first draws of a post
-        out.append({"id": plan["id"], "role": plan["role"], "width": scene.width, "height": scene.height,
+    for plan in plans:
+        if plan.get("variant"):
+            src = plan["variant"]["source"]
+            src_rng = np.random.default_rng(src["seed"])
+            src_drawn = _draw_scene(src, src_rng, max_side)  # the original's first draws: its scene, its file type
+            src_ext = _file_ext(src, src_rng)
+            edit = _variant_edit(plan, np.random.default_rng(plan["seed"]), src_drawn, src_ext, max_side)
+            width, height = edit["size"]
+        else:
+            scene = _draw_scene(plan, np.random.default_rng(plan["seed"]), max_side).scene  # the first draws of a post
+            width, height = scene.width, scene.height
+        out.append({"id": plan["id"], "role": plan["role"], "width": width, "height": height,
                     "deleted": plan["deleted"], "banned": plan["banned"], "restricted": plan["restricted"]})
     return out
 
@@ -551,6 +611,7 @@ class _File:
     pixel_hash: str
     has_file: bool
     meta: list[str]  # file-kind meta tags (animated, video, ...)
+    data: bytes | None = None  # the file's bytes (None for hidden posts and when not kept)
 
 
 def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
@@ -559,6 +620,8 @@ def _materialise(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
     scene -> file -> tags -> record, all drawing from one generator seeded by the plan: the order of the steps
     is the order of the draws, so it must stay as it is for a given GENERATOR_VERSION (same booru, same bytes).
     """
+    if plan.get("variant"):
+        return _materialise_variant(plan, images, max_side)
     rng = np.random.default_rng(plan["seed"])
     drawn = _draw_scene(plan, rng, max_side)
     file = _make_file(plan, rng, drawn.scene, images)
@@ -678,12 +741,19 @@ def _background_tags(background: str, series: Series) -> list[str]:
             "transparent": ["transparent_background"]}.get(background, [])
 
 
-def _make_file(plan: dict, rng: np.random.Generator, scene: Scene, images: Path) -> _File:
-    """The post's file: rendered and encoded into `images/<md5>.<ext>` (none for posts the API hides)."""
+def _file_ext(plan: dict, rng: np.random.Generator) -> str:
+    """The post's file type (the first draw of the file step)."""
     role = plan["role"]
     ext = {"png": "png", "png_rgba": "png", "webp": "webp", "gif": "gif", "mp4": "mp4", "zip": "zip", "swf": "swf"}.get(role, "jpg")
     if role == "" and rng.random() < 0.1:
         ext = "png"
+    return ext
+
+
+def _make_file(plan: dict, rng: np.random.Generator, scene: Scene, images: Path | None) -> _File:
+    """The post's file: rendered and encoded into `images/<md5>.<ext>` (none for posts the API hides).
+    images None: nothing is written, the bytes come back in `_File.data` (a variant replaying its original)."""
+    ext = _file_ext(plan, rng)
     meta: list[str] = []
     duration = None
     hidden = plan["banned"] or plan["restricted"]
@@ -714,25 +784,20 @@ def _make_file(plan: dict, rng: np.random.Generator, scene: Scene, images: Path)
 
     if data is not None:
         md5 = hashlib.md5(data).hexdigest()
-        (images / f"{md5}.{ext}").write_bytes(data)
+        if images is not None:
+            (images / f"{md5}.{ext}").write_bytes(data)
         file_size = len(data)
     else:
         md5 = hashlib.md5(f"hidden-{plan['id']}-{plan['seed']}".encode()).hexdigest()
         file_size = int(rng.integers(80_000, 900_000))
-    return _File(ext, md5, file_size, duration, pixel_hash, data is not None, meta)
+    return _File(ext, md5, file_size, duration, pixel_hash, data is not None, meta, data if images is None else None)
 
 
 def _observed_tags(plan: dict, rng: np.random.Generator, drawn: _Drawn, file: _File,
                    max_side: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """The tags the post carries on the booru: (general, character, copyright, meta). Like Danbooru's, they
     are incomplete: some true general and character tags are dropped."""
-    width, height = drawn.scene.width, drawn.scene.height
-    meta = list(file.meta)
-    s = max_side / 3400.0  # the largest generated side plays the part of a 3400 px original
-    if (width >= 1600 * s and height >= 1200 * s) or (width >= 1200 * s and height >= 1600 * s):
-        meta.append("highres")
-    if (width >= 3200 * s and height >= 2400 * s) or (width >= 2400 * s and height >= 3200 * s):
-        meta.append("absurdres")
+    meta = list(file.meta) + _size_meta(drawn.scene.width, drawn.scene.height, max_side)
     if rng.random() < 0.3:
         meta.append("commentary" if rng.random() < 0.6 else "commentary_request")
     if rng.random() < 0.04:
@@ -751,6 +816,17 @@ def _observed_tags(plan: dict, rng: np.random.Generator, drawn: _Drawn, file: _F
     characters = sorted({c.tag for c in plan["characters"] if rng.random() >= 0.02})
     copyright_tags = ["original"] if plan["original"] else [plan["series"].tag]
     return kept, characters, copyright_tags, sorted(set(meta))
+
+
+def _size_meta(width: int, height: int, max_side: int) -> list[str]:
+    """highres / absurdres, with the largest generated side playing the part of a 3400 px original."""
+    s = max_side / 3400.0
+    meta = []
+    if (width >= 1600 * s and height >= 1200 * s) or (width >= 1200 * s and height >= 1600 * s):
+        meta.append("highres")
+    if (width >= 3200 * s and height >= 2400 * s) or (width >= 2400 * s and height >= 3200 * s):
+        meta.append("absurdres")
+    return meta
 
 
 def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
@@ -894,7 +970,8 @@ def _link_parents(posts: list[dict], plans: list[dict]) -> None:
     by_char: dict[str, list[int]] = {}
     for i, plan in enumerate(plans):
         key = plan["characters"][0].tag if plan["characters"] else ""
-        if key and by_char.get(key) and rng.random() < 0.05:
+        # a planted variant is linked (or not) by _link_variants only
+        if key and by_char.get(key) and not plan.get("variant") and rng.random() < 0.05:
             parent_idx = by_char[key][int(rng.integers(len(by_char[key])))]
             parent, child = posts[parent_idx], posts[i]
             child["parent_id"] = parent["id"]
@@ -904,6 +981,254 @@ def _link_parents(posts: list[dict], plans: list[dict]) -> None:
                 parent["has_active_children"] = True
         if key:
             by_char.setdefault(key, []).append(i)
+
+
+# ------------------------------------------------------------------------------------------ near-duplicates
+
+# Posts a variant may be made of: visible, active still pictures (jpg/png/webp) without transparency or panels.
+_VARIANT_SOURCE_ROLES = frozenset({"", "png", "webp", "square", "multi", "original"})
+_VARIANT_KIND_P = (0.40, 0.25, 0.35)  # colour, crop, reencode
+_COLOUR_PARENT_P = 0.85  # colour variants whose uploader set parent_id to the original
+_HAIR_LUMA_STEP = 40.0  # a recoloured hair keeps about its lightness (0..255 luma): a hue change, as artists do
+_TINTS = ("blue", "pink", "green", "yellow", "orange", "purple", "red", "aqua")  # "<tint>_background" words
+
+
+def _check_near_duplicates(value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= MAX_NEAR_DUPLICATES):
+        raise ValueError(f"near_duplicates must be a fraction in [0, {MAX_NEAR_DUPLICATES}], found {value!r}")
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _plant_variants(plans: list[dict], seed: int, max_side: int, fraction: float) -> list[dict]:
+    """Replace round(fraction * n) ordinary posts by variants of earlier visible pictures (see the module doc).
+
+    Draws from its own generator, after the plan of every post is made, so the originals are exactly the posts
+    of a generation without variants. A variant keeps the id and seed of the post it replaces, and its created_at
+    but for colour variants (minutes after the post before them)."""
+    n = len(plans)
+    rng = np.random.default_rng([seed, n, max_side, 0x6E64])
+    source_ok = [p["role"] in _VARIANT_SOURCE_ROLES and not (p["deleted"] or p["banned"] or p["restricted"])
+                 for p in plans]
+    first = next((i for i, ok in enumerate(source_ok) if ok), n)
+    pool = [i for i in range(first + 1, n) if plans[i]["role"] == ""]  # forced specials stay as they are
+    k = min(int(round(fraction * n)), len(pool))
+    if k == 0:
+        return plans
+    slots = sorted(int(i) for i in rng.choice(np.array(pool), size=k, replace=False))
+    taken = set(slots)
+    sources = [i for i in range(n) if source_ok[i] and i not in taken]  # never a variant of a variant
+    out = list(plans)
+    varied: list[int] = []  # originals that have a variant already (sets of several variants)
+    for i in slots:
+        m = bisect_left(sources, i)  # sources before the slot; >= 1 (the first source precedes every slot)
+        u = rng.random()
+        kind = VARIANT_KINDS[0] if u < _VARIANT_KIND_P[0] else VARIANT_KINDS[1] if u < sum(_VARIANT_KIND_P[:2]) \
+            else VARIANT_KINDS[2]
+        created = plans[i]["created"]
+        if kind == "colour":  # uploaded together with its original: mostly the picture just before it
+            j = sources[m - 1] if rng.random() < 0.7 else sources[m - 1 - int(rng.integers(min(m, 4)))]
+            # ... minutes after the post before it (ids follow upload time, so it stays between its neighbours)
+            before = plans[i - 1]["created"]
+            after = plans[i + 1]["created"] if i + 1 < n else _END
+            gap = min(float(rng.uniform(60.0, 3 * 3600.0)), (after - before).total_seconds() / 2)
+            created = before + timedelta(seconds=max(gap, 0.001))
+        elif varied and rng.random() < 0.25:
+            j = varied[int(rng.integers(len(varied)))]
+        else:
+            j = sources[int(rng.integers(m))]
+        if j not in varied:
+            varied.append(j)
+        parent = kind == "colour" and bool(rng.random() < _COLOUR_PARENT_P)
+        src, slot = plans[j], plans[i]
+        # a score of its own, usually below the original's (the first upload collected the votes)
+        s0 = src["score"]
+        if rng.random() < 0.8:
+            score = int(np.floor(s0 * rng.uniform(0.05, 0.7)))
+        else:
+            score = int(np.floor(s0 * rng.uniform(1.05, 1.6))) + 1
+        if score == s0:
+            score = s0 - 1 if s0 > 0 else s0 + 1
+        down = -int(rng.poisson(0.1))
+        up = max(0, score - down)
+        fav = max(0, int(round(up * rng.uniform(0.8, 1.6))))
+        out[i] = {**src, "index": i, "id": slot["id"], "created": created, "role": "variant",
+                  "score": up + down, "up": up, "down": down, "fav": fav,
+                  "deleted": False, "banned": False, "restricted": False, "seed": slot["seed"],
+                  "variant": {"source": src, "kind": kind, "parent": parent}}
+    return out
+
+
+def _rotate_hue(rgb: tuple[int, int, int], deg: float) -> tuple[int, int, int]:
+    """The colour with its hue rotated by `deg` around the grey axis (YIQ: the luma stays)."""
+    m = _hue_sat_matrix(deg, 1.0)
+    r, g, b = rgb
+    out = (int(np.clip(round(m[4 * k] * r + m[4 * k + 1] * g + m[4 * k + 2] * b), 0, 255)) for k in range(3))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _hue(rgb: tuple[int, int, int]) -> float:
+    return colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))[0]
+
+
+def _tint_word(rgb: tuple[int, int, int], not_this: str) -> str:
+    """The tint word (of _TINTS, other than `not_this`) nearest in hue to rgb."""
+    h = _hue(rgb)
+    return min((t for t in _TINTS if t != not_this),
+               key=lambda t: (min(abs(_hue(COLOURS[t]) - h), 1 - abs(_hue(COLOURS[t]) - h)), t))
+
+
+def _variant_edit(plan: dict, rng: np.random.Generator, src: _Drawn, src_ext: str, max_side: int) -> dict:
+    """The edit that makes the variant (the first draws of a variant): kind, details, its size and file type.
+    planned_sizes calls it too (no rendering)."""
+    kind = plan["variant"]["kind"]
+    scene = src.scene
+    w, h = scene.width, scene.height
+    quality = plan["artist"].style.jpeg_quality
+    edit: dict = {"kind": kind, "size": (w, h), "ext": src_ext, "quality": quality}
+    if kind == "colour":
+        series: Series = plan["series"]
+        if src.background not in ("white", "grey", "transparent") and rng.random() < 0.45:
+            deg = float(rng.uniform(90.0, 270.0))
+            palette = tuple(_rotate_hue(c, deg) for c in scene.palette)
+            new_tint = _tint_word(_rotate_hue(COLOURS[series.tint], deg), series.tint)
+            edit.update(sub="background", palette=palette, tint=(series.tint, new_tint),
+                        text=f"background:{series.tint}->{new_tint}")
+        else:
+            old = scene.figures[0].look.hair
+            step = {c: abs(_luma(COLOURS[c]) - _luma(COLOURS[old])) for c in HAIR_COLOUR_TAG if c != old}
+            others = sorted(step, key=lambda c: (step[c], c))
+            near = [c for c in others if step[c] <= _HAIR_LUMA_STEP] or others[:2]
+            new = near[int(rng.integers(len(near)))]
+            edit.update(sub="hair", hair=(old, new), text=f"hair:{old}->{new}")
+    elif kind == "crop":
+        u = rng.random()
+        n_edges = 1 if u < 0.6 else 2 if u < 0.9 else 4  # mostly a border or a signature trimmed off
+        frac = [0.0, 0.0, 0.0, 0.0]  # left, top, right, bottom
+        for e in rng.permutation(4)[:n_edges]:
+            frac[int(e)] = float(rng.uniform(0.02, 0.05))
+        left, top = int(round(w * frac[0])), int(round(h * frac[1]))
+        box = (left, top, w - int(round(w * frac[2])), h - int(round(h * frac[3])))
+        cw, ch = box[2] - box[0], box[3] - box[1]
+        resized = bool(rng.random() < 0.5)
+        size = (cw, ch)
+        if resized:  # scaled back up to the original's long side
+            scale = max(w, h) / max(cw, ch)
+            size = (max(1, int(round(cw * scale))), max(1, int(round(ch * scale))))
+        label = ",".join(f"{side}{f:.3f}" for side, f in zip("ltrb", frac) if f)
+        edit.update(sub="crop", box=box, size=size, resized=resized, quality=int(rng.integers(85, 96)),
+                    text=f"crop:{label}" + (";resized" if resized else ""))
+    else:
+        u = rng.random()
+        if src_ext == "jpg":
+            sub = "quality" if u < 0.35 else "format" if u < 0.65 else "resize"
+        else:
+            sub = "format" if u < 0.55 else "resize"
+        if sub == "quality":
+            q = int(rng.integers(55, 86))  # the artists save at 88..94
+            edit.update(sub=sub, quality=q, text=f"jpeg:q{quality}->q{q}")
+        elif sub == "format":
+            ext = {"jpg": "png", "png": "jpg"}.get(src_ext) or ("png" if rng.random() < 0.3 else "jpg")
+            edit.update(sub=sub, ext=ext, quality=int(rng.integers(80, 96)), text=f"{src_ext}->{ext}")
+        else:
+            long_side = max(w, h)
+            if rng.random() < 0.2 and long_side * 1.15 <= max_side:  # an upscaled re-upload
+                f = float(rng.uniform(1.15, min(1.5, max_side / long_side)))
+            else:
+                f = float(rng.uniform(0.5, 0.85))
+            size = (max(16, min(max_side, int(round(w * f)))), max(16, min(max_side, int(round(h * f)))))
+            edit.update(sub=sub, size=size, quality=int(rng.integers(85, 95)), text=f"resize:{f:.2f}")
+    return edit
+
+
+def _materialise_variant(plan: dict, images: Path, max_side: int) -> tuple[dict, dict]:
+    """A planted near-duplicate: the original replayed from its own seed (scene, file bytes, posted tags; nothing
+    written), the edit applied, the result encoded and written, and the record built from the variant's own
+    generator. Depends on nothing but the plan, like every post, so workers give the same bytes."""
+    v = plan["variant"]
+    src = v["source"]
+    rng_src = np.random.default_rng(src["seed"])
+    drawn = _draw_scene(src, rng_src, max_side)
+    src_file = _make_file(src, rng_src, drawn.scene, None)
+    src_general, characters, copyright_tags, src_meta = _observed_tags(src, rng_src, drawn, src_file, max_side)
+
+    rng = np.random.default_rng(plan["seed"])
+    edit = _variant_edit(plan, rng, drawn, src_file.ext, max_side)
+    true_general = set(drawn.general)
+    general = set(src_general)
+
+    def swap(old: str, new: str, keep_old: bool = False) -> None:
+        for tags in (true_general, general):
+            if old in tags:
+                if not keep_old:
+                    tags.discard(old)
+                tags.add(new)
+
+    if edit["kind"] == "colour":
+        scene = drawn.scene
+        if edit["sub"] == "hair":
+            old, new = edit["hair"]
+            first, *rest = scene.figures
+            figures = (dataclasses.replace(first, look=dataclasses.replace(first.look, hair=new)), *rest)
+            scene = dataclasses.replace(scene, figures=figures)
+            swap(HAIR_COLOUR_TAG[old], HAIR_COLOUR_TAG[new], keep_old=any(f.look.hair == old for f in rest))
+            true_general.add("alternate_hair_color")
+            if rng.random() < 0.6:
+                general.add("alternate_hair_color")
+        else:
+            scene = dataclasses.replace(scene, palette=edit["palette"])
+            if drawn.background in ("colour", "gradient"):
+                old, new = edit["tint"]
+                swap(f"{old}_background", f"{new}_background")
+        img = render_scene(scene)
+    else:
+        with Image.open(io.BytesIO(src_file.data or b"")) as im:  # the original file as the booru serves it
+            img = im.convert("RGB")
+        if edit["sub"] == "crop":
+            img = img.crop(edit["box"])
+        if img.size != tuple(edit["size"]):
+            img = img.resize(tuple(edit["size"]), Image.Resampling.LANCZOS)
+    ext, (width, height) = edit["ext"], img.size
+    data = _encode(img, ext, edit["quality"])
+    md5 = hashlib.md5(data).hexdigest()
+    (images / f"{md5}.{ext}").write_bytes(data)
+
+    # tags: the original's, by another uploader: a few dropped, a few the original's tagger missed added
+    missed = sorted(true_general - general)
+    kept = [t for t in sorted(general) if rng.random() >= 0.04]
+    kept += [t for t in missed if rng.random() < 0.3]
+    meta = [t for t in src_meta if t not in ("highres", "absurdres")]
+    if edit["kind"] != "colour" and rng.random() < 0.5:  # a re-upload rarely brings the artist's commentary
+        meta = [t for t in meta if not t.startswith("commentary")]
+    meta = sorted(set(meta + _size_meta(width, height, max_side)))
+    record = _post_record(plan, rng, md5=md5, ext=ext, width=width, height=height, file_size=len(data),
+                          duration=None, pixel_hash=hashlib.md5(img.tobytes()).hexdigest(), general=sorted(set(kept)),
+                          character=characters, copyright=copyright_tags, artist=[src["artist"].tag], meta=meta,
+                          hidden=False)
+    series: Series = src["series"]
+    truth = {
+        "characters": sorted(c.tag for c in src["characters"]),
+        "series": [series.tag] if not src["original"] else ["original"],
+        "artist": src["artist"].tag, "general": sorted(true_general), "md5": md5, "file_ext": ext,
+        "has_file": True, "composition": drawn.composition, "background": drawn.background,
+        "rating": plan["rating"], "hidden": False, "year": plan["created"].year,
+        "variant_of": src["id"], "variant_kind": edit["kind"], "variant_edit": edit["text"],
+        "variant_parent": v["parent"],
+    }
+    return record, truth
+
+
+def _link_variants(posts: list[dict], plans: list[dict]) -> None:
+    """Colour variants whose uploader linked them: parent_id = the original (which gains children)."""
+    for post, plan in zip(posts, plans):
+        v = plan.get("variant")
+        if v and v["parent"]:
+            parent = posts[v["source"]["index"]]
+            post["parent_id"] = parent["id"]
+            parent["has_children"] = parent["has_visible_children"] = parent["has_active_children"] = True
 
 
 _WORD = re.compile(r"[^a-z0-9]+")
