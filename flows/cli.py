@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the flow and the DDPM objective (same data and steps), evaluate both")
     p.add_argument("--phase", default=None, metavar="NAME",
                    help="with train.phases: run the selected stages of this phase only (earlier phases are "
-                        "reused, or built when missing)")
+                        "reused, or built when missing; default: every phase)")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip the preflight checks (model paths, CUDA, credentials, disk, Danbooru host)")
     _common(p)

@@ -505,7 +505,9 @@ def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     progress = ProgressReporter(stage, bar=False)
     try:
         with StageLock(_store(cfg), stage, log=log), _gpu_slot(stage, cfg, force, log, progress.note):  # type: ignore[arg-type]
-            info = stage_task.with_options(name=stage, task_run_name=stage)(stage, cfg, force, progress.artifact_id)
+            # a phase's bucket, cache and train told apart in the UI (eval runs once, on the last phase)
+            name = f"{stage}-{cfg.train.phase}" if cfg.train.phase and stage in PHASE_STAGES else stage
+            info = stage_task.with_options(name=stage, task_run_name=name)(stage, cfg, force, progress.artifact_id)
             if info["shards"] and not info["cached"]:
                 info = run_sharded(stage, cfg, info, force, progress)
     except BaseException as exc:

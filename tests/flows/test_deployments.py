@@ -78,7 +78,8 @@ def stage_state(artifacts: dict, stage: str) -> str:
 def demo_params(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("demo-root")
     # The demo preset, made smaller so four pipeline runs fit the test budget (same stages, same code).
-    small = ["ingest.embedded.posts=90", "ingest.embedded.max_side=384", "train.max_steps=12",
+    # One phase here (the README test runs the demo's two through fm up; tests/train/test_phases.py the chaining).
+    small = ["train.phases=[]", "ingest.embedded.posts=90", "ingest.embedded.max_side=384", "train.max_steps=12",
              "train.checkpoint_every=6", "train.sampling.every=12", "train.validation.every=6",
              "eval.min_samples=3", "eval.max_concepts=2", "eval.images_per_concept=2", "eval.steps=4"]
     return {"config": "demo", "overrides": [f"data_root={root}", *small]}

@@ -193,7 +193,7 @@ def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api,
     with ThreadPoolExecutor(2) as pool:  # flows in threads: a bug that blocks fails a timeout, not the session
         with concurrency(GPU_LIMIT, occupy=1, strict=True):  # "another run" holds the GPU
             assert _active_slots() == 1
-            pool.submit(_run, root, ["ingest"]).result(timeout=60)  # not a GPU stage: runs meanwhile
+            pool.submit(_run, root, ["ingest", "dedup"]).result(timeout=60)  # not a GPU stage: runs meanwhile
             waiting = pool.submit(_run, root, ["tag"])
             time.sleep(4.0)
             assert not waiting.done()
@@ -218,7 +218,7 @@ def test_two_runs_never_tag_at_once_with_one_slot_and_do_without_the_limit(root,
     from tasks.tag import stage as tag_stage
 
     for data in PAIR_ROOTS:
-        _run(root, ["ingest"], data=data)
+        _run(root, ["ingest", "dedup"], data=data)
     asyncio.run(ensure_gpu_limit(1))
 
     meet = Rendezvous(tag_stage.SPEC.run_shard)
@@ -250,7 +250,7 @@ def test_a_waiting_run_says_which_limit_and_which_run_holds_it(root, prefect_api
 
     monkeypatch.setattr(fm_module, "SLOT_FIRST_WAIT_S", 0.5)
     monkeypatch.setattr(fm_module, "SLOT_LOG_EVERY_S", 1.0)
-    _run(root, ["ingest"])
+    _run(root, ["ingest", "dedup"])
     asyncio.run(ensure_gpu_limit(1))
     holding, release = threading.Event(), threading.Event()
 

@@ -35,7 +35,7 @@ from tasks.tag import stage as tag_stage
 
 def _cfg(root, *extra: str):
     return load_config("demo", [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}",
-                                "ingest.embedded.posts=160", "tag.shard_size=40", *extra])
+                                "ingest.embedded.posts=160", "tag.shard_size=40", "dedup.enabled=false", *extra])
 
 
 def _tags(store: ArtifactStore) -> tuple[str, bytes]:
@@ -151,7 +151,7 @@ def test_flow_runs_one_task_per_device_worker(tmp_path, prefect_api):
     from tests.scale.test_sharded import _task_run_names
 
     overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
-                 "ingest.embedded.posts=160", "tag.shard_size=40", "tag.processes=2"]
+                 "ingest.embedded.posts=160", "tag.shard_size=40", "tag.processes=2", "dedup.enabled=false"]
     state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     _, _, tag = state.result()
