@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "packages" / "minibooru")]
 
+from bench.machine import cpu_name  # noqa: E402
 from tasks.dedup.groups import (
     DEFAULT_MAX_DISTANCE,
     DEFAULT_PARENT_DISTANCE,
@@ -51,16 +52,6 @@ from tasks.dedup.hashing import (
     phash_image,
     phash_pixels,
 )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_seconds() -> float:
