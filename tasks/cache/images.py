@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from tasks.common.transparency import on_white
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -63,12 +65,7 @@ def open_rgb(data: bytes, where: str = "") -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError("decode_error", f"{where}: {exc}") from exc
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+    img = on_white(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

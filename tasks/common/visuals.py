@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from data_contracts.store import atomic_write_bytes
+from tasks.common.transparency import on_white
 
 VISUALS_DIR = "visuals"
 THUMB = 160
@@ -80,13 +81,7 @@ def open_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Im
         img.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return on_white(img).convert("RGB")
 
 
 def fit_size(width: int, height: int, box: int) -> tuple[int, int]:

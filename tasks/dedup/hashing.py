@@ -45,6 +45,8 @@ from struct import error as StructError  # some plugins raise it on garbage head
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tasks.common.transparency import on_white
+
 HASH_SIZE = 8  # 8x8 low-frequency DCT coefficients -> 64 bits
 IMG_SIZE = 32  # HASH_SIZE * highfreq_factor 4
 DRAFT_SIDE = 64  # fast path: decoded/box-averaged at 1/s, s in 8..1 with both sides >= this (s = 8 from 512 px)
@@ -100,12 +102,7 @@ def phash_pixels(grey: np.ndarray) -> np.ndarray:
 
 def _flatten_to_grey(img: Image.Image) -> Image.Image:
     """8-bit luma; transparency composited onto white first."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+    img = on_white(img)
     return img if img.mode == "L" else img.convert("L")
 
 
