@@ -75,7 +75,7 @@ def _closest(name: str, model: type[BaseModel] | None) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(model.model_fields)}"
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -110,7 +110,7 @@ def load_config(
     else:
         tree, where = _read_yaml(config)
     for key, value in parse_overrides(overrides).items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return validate_config(tree, where)
 
 

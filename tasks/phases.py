@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_contracts.errors import ConfigError
-from pipeline_config.load import _set_dotted, validate_config
+from pipeline_config.load import set_dotted, validate_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.train import PhaseConfig
 
@@ -56,7 +56,7 @@ def phase_config(cfg: PipelineConfig, phase: PhaseConfig, init_model: str | None
     tree["train"]["phase"] = phase.name
     tree["train"]["run_name"] = f"{resolve_run_name(cfg.train, cfg.name)}-{phase.name}"
     for key, value in phase.overrides.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     if init_model is not None:
         tree["train"]["model"] = init_model
     return validate_config(tree, f"train.phases[{phase.name}]")

@@ -74,10 +74,15 @@ def _extra_objective_and_step(spec: str) -> tuple[str, int]:
     return objective, step
 
 
-def plan_checkpoints(ctx: StageContext) -> list[EvalCheckpoint]:
-    cfg = ctx.section
+def compared_runs(ctx: StageContext) -> list[TrainManifest]:
+    """The upstream train output, then every `eval.compare` one."""
     train: TrainManifest = ctx.upstream["train"]
-    runs = [train] + [ctx.store.read_manifest(TrainManifest, fp) for fp in cfg.compare if fp != train.fingerprint]
+    return [train] + [ctx.store.read_manifest(TrainManifest, fp) for fp in ctx.section.compare
+                      if fp != train.fingerprint]
+
+
+def plan_checkpoints(ctx: StageContext, runs: list[TrainManifest]) -> list[EvalCheckpoint]:
+    cfg = ctx.section
     objectives = list(dict.fromkeys(r.objective for r in runs))
     out: list[EvalCheckpoint] = []
     if cfg.include_base:
@@ -99,13 +104,6 @@ def plan_checkpoints(ctx: StageContext) -> list[EvalCheckpoint]:
         out.append(EvalCheckpoint(id=f"extra-{i}", label=Path(spec).name or spec, spec=spec, run="extra",
                                   objective=objective, step=step))
     return out
-
-
-def _run_phases(ctx: StageContext) -> dict[str, str]:
-    """Train output fingerprint -> its phase name, for the runs of a run in phases (train.phases)."""
-    train: TrainManifest = ctx.upstream["train"]
-    runs = [train] + [ctx.store.read_manifest(TrainManifest, fp) for fp in ctx.section.compare if fp != train.fingerprint]
-    return {r.fingerprint: r.phase for r in runs if r.phase}
 
 
 def base_model(ctx: StageContext) -> str:
@@ -226,7 +224,8 @@ def build(ctx: StageContext) -> StageResult:
         raise StageError(f"no {' or '.join(cfg.kinds)} has eval.min_samples={cfg.min_samples} training images "
                          f"(the most frequent has {best}); lower eval.min_samples or ingest more")
     controls = control_concepts(cfg.control_prompts, cfg.quality_tags)
-    checkpoints = plan_checkpoints(ctx)
+    runs = compared_runs(ctx)
+    checkpoints = plan_checkpoints(ctx, runs)
     cache_dir = Path(ctx.cfg.runtime.cache_dir)
     device = ctx.cfg.runtime.device
     pool = ctx.store.pool_dir()
@@ -299,7 +298,7 @@ def build(ctx: StageContext) -> StageResult:
     plot = learning_curve_plot(all_rows, checkpoints, ctx.work / PLOT_FILE)
     summary = summary_rows(all_rows, checkpoints)
     md = summary_markdown(summary, cfg, concepts, tag_idx, dropped, tagger.folder.name, probe_quality(all_rows))
-    phases = phase_rows(all_rows, checkpoints, _run_phases(ctx))
+    phases = phase_rows(all_rows, checkpoints, {r.fingerprint: r.phase for r in runs if r.phase})
     md += phase_markdown(phases)
     images = {"learning curve": PLOT_FILE} if plot else {}
     images.update({f"samples: {ck.label} (step {ck.step})": f"grids/{ck.id}.png" for ck in checkpoints})
