@@ -165,7 +165,7 @@ def build(ctx: StageContext) -> StageResult:
         row_counts={"dedup": table.num_rows, "rejects": rejects.num_rows},
         stats=stats,
         manifest_fields={"max_distance": cfg.max_distance, "groups": stats["groups"],
-                         "duplicates": int(Counter(rejects.column("reason").to_pylist()).get("near_duplicate", 0))},
+                         "duplicates": stats["reject_reasons"].get("near_duplicate", 0)},
         report=report,
     )
 
