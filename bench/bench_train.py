@@ -100,6 +100,8 @@ VARIANTS = {
                               compile_strategy="regional", cudnn_benchmark=False),
     "ours_cg_reg_b24": Variant("ours_cg_reg_b24", attention="cudnn", compile_mode="reduce-overhead",
                                compile_strategy="regional", batch=24),
+    "ours_cg_reg_gc": Variant("ours_cg_reg_gc", attention="cudnn", compile_mode="reduce-overhead",
+                              compile_strategy="regional", gradient_checkpointing=True),
     "ours_reg": Variant("ours_reg", attention="cudnn", compile_strategy="regional"),
     "ours_tune_te16": Variant("ours_tune_te16", attention="cudnn", compile_tuning=True, te_bf16=True),
 }
@@ -377,8 +379,16 @@ MINIBOORU_RATIO_MIX = ((0.60, (2 / 3, 3 / 4, 4 / 5, 9 / 16, 0.7)), (0.15, (1.0,)
 TAIL_SHARE = 0.08
 # fwd+bwd FLOP of a bucket relative to 512x512, SD1.5 UNet, 77-token context: torch.utils.flop_counter on the
 # meta device (attention grows with the token count squared, so it is not simply the pixel ratio).
+# Buckets at 768² and 1024² (min_side = resolution / 2, max_side = 2 x resolution, as nai-v2-fm's hires phase).
 FLOP_RATIO = {"256x832": 0.7897, "256x896": 0.8586, "256x960": 0.9287, "256x1024": 1.0, "320x704": 0.8413,
-              "320x768": 0.9287, "384x640": 0.9287, "448x576": 0.9821, "512x512": 1.0}
+              "320x768": 0.9287, "384x640": 0.9287, "448x576": 0.9821, "512x512": 1.0,
+              "384x1344": 2.2575, "384x1408": 2.3944, "384x1472": 2.534, "384x1536": 2.6763, "448x1216": 2.4175,
+              "448x1280": 2.5811, "512x1088": 2.4872, "512x1152": 2.6763, "576x960": 2.4639, "576x1024": 2.6763,
+              "640x896": 2.5811, "704x832": 2.6524, "768x768": 2.6763,
+              "512x1856": 5.0713, "512x1920": 5.3177, "512x1984": 5.5688, "512x2048": 5.8247, "576x1664": 5.1324,
+              "576x1728": 5.4113, "576x1792": 5.6961, "640x1536": 5.3177, "640x1600": 5.6323, "704x1408": 5.38,
+              "704x1472": 5.7282, "768x1280": 5.3177, "768x1344": 5.6961, "832x1216": 5.5371, "896x1152": 5.6961,
+              "960x1088": 5.7924, "1024x1024": 5.8247}
 
 
 def bucket_mix(resolution: int = 512) -> list[tuple[tuple[int, int], float]]:
@@ -389,7 +399,7 @@ def bucket_mix(resolution: int = 512) -> list[tuple[tuple[int, int], float]]:
     from pipeline_config.bucket import BucketConfig
     from tasks.bucket.core import make_buckets, nearest_bucket
 
-    buckets = make_buckets(BucketConfig(resolution=resolution))
+    buckets = make_buckets(BucketConfig(resolution=resolution, min_side=resolution // 2, max_side=2 * resolution))
     mass = np.zeros(len(buckets))
     for share, ratios in MINIBOORU_RATIO_MIX:
         idx = nearest_bucket(np.array(ratios) * 1000.0, np.full(len(ratios), 1000.0), buckets)
@@ -401,7 +411,7 @@ def bucket_mix(resolution: int = 512) -> list[tuple[tuple[int, int], float]]:
 
 
 def flop_per_sample(w: int, h: int) -> float:
-    ratio = FLOP_RATIO.get(f"{w}x{h}", FLOP_RATIO.get(f"{h}x{w}"))
+    ratio = FLOP_RATIO.get(f"{min(w, h)}x{max(w, h)}")
     return FLOP_PER_SAMPLE * (ratio if ratio is not None else w * h / 512**2)
 
 
@@ -435,7 +445,7 @@ def bucket_worker(args) -> dict:
     if args.tiny:  # CPU: compile only with a backend that generates no code (--compile-backend aot_eager)
         v = replace(v, compile=v.compile and args.compile_backend != "inductor", attention="auto", batch=2)
     device = torch.device("cuda" if not args.tiny else "cpu")
-    mix = bucket_mix()[: args.bucket_shapes or None]
+    mix = bucket_mix(args.bucket_resolution)[: args.bucket_shapes or None]
     total = sum(p for _, p in mix)
     mix = [(s, p / total) for s, p in mix]
     window = v.accum if v.path == "ours" else 1
@@ -564,7 +574,8 @@ def bucket_bench(args) -> list[dict]:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--bucket-worker", "--bucket-variant", name,
                    "--bucket-phase", phase, "--compile-cache-dir", str(cache), "--steps", str(args.steps),
                    "--bucket-rounds", str(args.bucket_rounds), "--bucket-shapes", shapes,
-                   "--chunks", str(args.chunks), "--compile-backend", args.compile_backend] + \
+                   "--chunks", str(args.chunks), "--compile-backend", args.compile_backend,
+                   "--bucket-resolution", str(args.bucket_resolution)] + \
                   (["--batch", str(args.batch)] if args.batch else []) + (["--tiny"] if args.tiny else [])
             t0 = time.perf_counter()
             try:
@@ -585,13 +596,14 @@ def bucket_bench(args) -> list[dict]:
                 res = {"variant": f"{name}[{phase}]", "error": f"exit {rc} after {wall:.0f}s"}
             else:
                 res = json.loads(line[len(RESULT_PREFIX):])
-                partial = res["shapes"] != len(bucket_mix())
+                partial = res["shapes"] != len(bucket_mix(args.bucket_resolution))
                 res["variant"] = f"{name}[{phase}]" + (f"/{res['shapes']}" if partial else "")
                 res["process_wall_s"] = wall
             print(RESULT_PREFIX + json.dumps(res), flush=True)
             out.append(res)
             if args.json:  # kept if a later path runs out of time
-                Path(args.json).write_text(json.dumps({"bucket_mix": bucket_mix(), "results": out}, indent=1))
+                Path(args.json).write_text(json.dumps({"bucket_mix": bucket_mix(args.bucket_resolution), "results": out},
+                                                      indent=1))
     return out
 
 
@@ -872,6 +884,8 @@ def main() -> None:
                     help="paths on the bucket stream, each NAME[:PHASES[:SHAPES]]: PHASES cold, warm or cold+warm "
                          "(compiled default), SHAPES the N most frequent (default --bucket-shapes)")
     ap.add_argument("--bucket-shapes", type=int, default=0, help="only the N most frequent shapes (0 = all)")
+    ap.add_argument("--bucket-resolution", type=int, default=512,
+                    help="bucket area side: 512 (17 buckets), 768 or 1024 (a hires phase's buckets)")
     ap.add_argument("--bucket-rounds", type=int, default=4, help="prelude passes over every shape")
     ap.add_argument("--bucket-cache-root", default="/tmp/bench-train-compile")
     ap.add_argument("--bucket-timeout", type=int, default=900, help="seconds per path process")
@@ -935,8 +949,9 @@ def main() -> None:
             continue
         s = r["samples_per_s"]
         per_gpu = r.get("per_gpu_samples_per_s", s)
-        mfu = per_gpu * FLOP_PER_SAMPLE / sheet if sheet == sheet else float("nan")
-        mfu_mm = per_gpu * FLOP_PER_SAMPLE / peak_mm if peak_mm == peak_mm else float("nan")
+        flop = flop_per_sample(8 * args.latent, 8 * args.latent)  # --latent 128: 1024² is 5.8x 512²'s FLOP
+        mfu = per_gpu * flop / sheet if sheet == sheet else float("nan")
+        mfu_mm = per_gpu * flop / peak_mm if peak_mm == peak_mm else float("nan")
         notes = []
         if "data_wait_frac" in r:
             notes.append(f"data wait {100 * r['data_wait_frac']:.2f}% chunks {r['chunks_seen']}")
@@ -948,12 +963,13 @@ def main() -> None:
         print(f"{r['variant']:22s} {s:10.1f} {ratio} {r.get('peak_gib', float('nan')):9.2f} {100 * mfu:5.1f}% "
               f"{100 * mfu_mm:7.1f}%  {'; '.join(notes)}")
     if bucket_results:
-        print(f"\nbucket stream ({len(bucket_mix())} buckets at 512², mix: "
-              + ", ".join(f"{w}x{h} {100 * p:.1f}%" for (w, h), p in bucket_mix()[:6]) + ", ...)")
+        mix = bucket_mix(args.bucket_resolution)
+        print(f"\nbucket stream ({len(mix)} buckets at {args.bucket_resolution}², mix: "
+              + ", ".join(f"{w}x{h} {100 * p:.1f}%" for (w, h), p in mix[:6]) + ", ...)")
         print_bucket_table(bucket_results, sheet)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "matmul_tflops": peak_mm / 1e12, "results": results,
-                                               "bucket_mix": bucket_mix(), "bucket_results": bucket_results},
+                                               "bucket_mix": bucket_mix(args.bucket_resolution), "bucket_results": bucket_results},
                                               indent=1))
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # After bench/gpu_check.sh ROOT: kill -9 a stage mid-run, rerun it, and compare its output files with the
 # uninterrupted run's (moved aside first). Usage: bash bench/gpu_kill_check.sh ROOT STAGE SECONDS [STAGE SECONDS ...]
+# train is compared by bench/compare_train.py (weights tensor by tensor, the per-step history); with NOISE=1 the
+# stage first runs once more uninterrupted, so the kill's difference can be read against two clean runs' own.
 set -uo pipefail
 ROOT=${1:?usage: bash bench/gpu_kill_check.sh ROOT STAGE SECONDS ...}
 shift
@@ -19,6 +21,14 @@ while (($#)); do
   out=$(ls -d "$ROOT/data/$stage"/*/ 2>/dev/null | grep -v _work | head -1)
   [[ -n $out ]] || { echo "kill_check: no $stage output under $ROOT/data (run bench/gpu_check.sh first)"; exit 1; }
   ref=$ROOT/ref-$stage; rm -rf "$ref"; mv "$out" "$ref"
+  if [[ ${NOISE:-0} == 1 ]]; then  # a second uninterrupted run: how far two clean runs differ
+    t0=$(date +%s.%N)
+    "${RUN[@]}" "$stage" > "$ROOT/repeat-$stage.log" 2>&1
+    echo "kill_check: $stage uninterrupted again (exit $?) in $(echo "$(date +%s.%N) - $t0" | bc)s"
+    rep=$(ls -d "$ROOT/data/$stage"/*/ | grep -v _work | head -1)
+    rm -rf "$ROOT/repeat-$stage"; mv "$rep" "$ROOT/repeat-$stage"
+    [[ $stage == train ]] && { echo "kill_check: two uninterrupted runs:"; "$PY" bench/compare_train.py "$ref" "$ROOT/repeat-$stage"; }
+  fi
   t0=$(date +%s.%N)
   setsid "${RUN[@]}" "$stage" > "$ROOT/kill-$stage.log" 2>&1 &
   pid=$!
@@ -34,4 +44,8 @@ while (($#)); do
   printf 'kill_check: %s rerun exit %s in %.1fs (killed run %.1fs); %d output files %s to the uninterrupted run\n' \
     "$stage" "$rc" "$(echo "$t2 - $t1" | bc)" "$(echo "$t1 - $t0" | bc)" "$(digest "$new" | wc -l)" "$same"
   [[ $same == identical ]] || head -20 "$ROOT/diff-$stage.txt"
+  if [[ $stage == train ]]; then
+    grep -E "resum|checkpoint" "$ROOT/resume-$stage.log" | head -5
+    echo "kill_check: killed + resumed vs uninterrupted:"; "$PY" bench/compare_train.py "$ref" "$new"
+  fi
 done
