@@ -607,7 +607,10 @@ def bucket_bench(args) -> list[dict]:
     return out
 
 
-def print_bucket_table(results: list[dict], sheet: float) -> None:
+SEED_RECIPE_SAMPLES = 5.2e6  # 260k posts x 20 epochs (REFERENCE.md's seed recipe)
+
+
+def print_bucket_table(results: list[dict], sheet: float, project_samples: float = SEED_RECIPE_SAMPLES) -> None:
     refs = {r["shapes"]: r["samples_per_s"] for r in results if r.get("path") == "ref" and "error" not in r}
     print(f"\n{'path[cache]':24s} {'shapes':>6s} {'warm-up s':>9s} {'samples/s':>9s} {'x ref':>6s} {'MFU':>6s} "
           f"{'peak/resv GiB':>13s} {'graphs':>6s}  slowest first steps")
@@ -623,6 +626,11 @@ def print_bucket_table(results: list[dict], sheet: float) -> None:
         print(f"{r['variant']:24s} {r['shapes']:6d} {warm} {r['samples_per_s']:9.1f} {ratio} {100 * mfu:5.1f}% "
               f"{r.get('peak_gib', float('nan')):6.2f}/{r.get('reserved_gib', float('nan')):<6.2f} "
               f"{r['unique_graphs']:6d}  {', '.join(f'{k} {v:.0f}s' for k, v in slow)}")
+    print(f"projection for {project_samples / 1e6:.2f}M samples on one such GPU (steady rate + the measured warm-up):")
+    for r in results:
+        if "error" not in r and r["samples_per_s"] > 0:
+            hours = (project_samples / r["samples_per_s"] + (r["warmup_s"] or r["prelude_s"])) / 3600
+            print(f"  {r['variant']:24s} {hours:6.1f} h")
 
 
 # ----------------------------------------------------------------------------------- reader (data wait)
@@ -886,6 +894,8 @@ def main() -> None:
     ap.add_argument("--bucket-shapes", type=int, default=0, help="only the N most frequent shapes (0 = all)")
     ap.add_argument("--bucket-resolution", type=int, default=512,
                     help="bucket area side: 512 (17 buckets), 768 or 1024 (a hires phase's buckets)")
+    ap.add_argument("--project-samples", type=float, default=SEED_RECIPE_SAMPLES,
+                    help="samples the printed projection is for (default: the seed recipe's 5.2M)")
     ap.add_argument("--bucket-rounds", type=int, default=4, help="prelude passes over every shape")
     ap.add_argument("--bucket-cache-root", default="/tmp/bench-train-compile")
     ap.add_argument("--bucket-timeout", type=int, default=900, help="seconds per path process")
@@ -966,7 +976,7 @@ def main() -> None:
         mix = bucket_mix(args.bucket_resolution)
         print(f"\nbucket stream ({len(mix)} buckets at {args.bucket_resolution}², mix: "
               + ", ".join(f"{w}x{h} {100 * p:.1f}%" for (w, h), p in mix[:6]) + ", ...)")
-        print_bucket_table(bucket_results, sheet)
+        print_bucket_table(bucket_results, sheet, args.project_samples)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "matmul_tflops": peak_mm / 1e12, "results": results,
                                                "bucket_mix": bucket_mix(args.bucket_resolution), "bucket_results": bucket_results},
