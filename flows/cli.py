@@ -69,11 +69,15 @@ def run_preflight(cfg, stages: list[str]) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate before anything starts: a typo must not cost a Prefect server's start-up.
+    from flows.fm import run_overrides
     from pipeline_config.load import load_config
     from tasks.registry import select_stages
 
-    cfg = load_config(args.config, args.override)
+    cfg = load_config(args.config, run_overrides(args.override, args.update))
     stages = select_stages(args.stages or None)
+    if args.update and "ingest" not in stages:
+        raise BooruflowError("--update refreshes the ingest stage: run it with ingest among the stages "
+                             "(`fm run ingest --update`, or `fm run --update` for the whole pipeline)")
     if not args.no_preflight and not run_preflight(cfg, stages):
         return 2
     quiet_third_party_output()
@@ -82,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.fm import fm
 
     results = fm(config=args.config, stages=args.stages or None, overrides=args.override, force=args.force,
-                 ab=args.ab, phase=args.phase)
+                 ab=args.ab, phase=args.phase, update=args.update)
     from rich.console import Console
     from rich.table import Table
 
@@ -331,6 +335,15 @@ def _age(created_at: str) -> str:
     return f"{seconds:.0f} s"
 
 
+def _update_of(manifest, expected: str | None) -> str | None:
+    """For an ingest output made by `--update` on the config's own crawl: what to say of it (it is as current as
+    the from-scratch crawl its fingerprint differs from); None otherwise."""
+    record = manifest.update_record() if manifest is not None and manifest.stage == "ingest" else None
+    if record is None or expected is None or record.lineage != expected:
+        return None
+    return f"an update (snapshot {record.snapshot[:19]}) of the crawl {expected}"
+
+
 def stage_status(cfg, store) -> list[dict[str, str]]:
     """One row per stage: state (locked / in progress / complete / stale / missing), rows, size, age, path.
 
@@ -362,6 +375,8 @@ def stage_status(cfg, store) -> list[dict[str, str]]:
             except (BooruflowError, OSError) as exc:
                 why = f"cannot compute its fingerprint: {exc}"
         fresh[stage] = manifest is not None and current == expected
+        update = _update_of(manifest, expected)
+        fresh[stage] = fresh[stage] or update is not None
         holder, work = _lock_holder(store, stage), _work_in_progress(store, stage)
         if holder:
             state, note = "locked", f"running: {holder}"
@@ -370,7 +385,7 @@ def stage_status(cfg, store) -> list[dict[str, str]]:
         elif current is None:
             state, note = "missing", f"run `fm run {stage}`" + (f" ({why})" if why else "")
         elif fresh[stage]:
-            state, note = "complete", ""
+            state, note = "complete", update or ""
         else:
             state = "stale"
             note = unreadable or why or f"config or upstream changed: the next run builds {expected}"
@@ -524,10 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="stages, in DAG order:\n  " + " -> ".join(stages) + "\n\nexamples:\n"
                    "  fm run                      every stage of the demo preset\n"
                    "  fm run bucket --force       rebuild one stage (later stages see its new output next run)\n"
+                   "  fm run ingest --update      extend the dataset with what is new on Danbooru since the last\n"
+                   "                              crawl (README: Refreshing a dataset)\n"
                    "  fm run -c nai-v2-fm -o data_root=/data/x")
     p.add_argument("stages", nargs="*", metavar="stage",
                    help=f"stages to run: {', '.join(stages)} (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild the selected stages even if cached")
+    p.add_argument("--update", action="store_true",
+                   help="ingest: a new output extending the newest one of this config with the posts added, changed "
+                        "and removed on Danbooru since (ingest.update.* says how far back it re-checks)")
     p.add_argument("--ab", action="store_true",
                    help="train with the flow and the DDPM objective (same data and steps), evaluate both")
     p.add_argument("--phase", default=None, metavar="NAME",

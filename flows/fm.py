@@ -514,6 +514,7 @@ def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         progress.failed(exc)
         raise
     progress.done(bool(info["cached"]))
+    note_newer_snapshots(stage, cfg, info, log)
     return info
 
 
@@ -561,6 +562,27 @@ def run_in_phases(cfg: PipelineConfig, todo: list[str], force: bool, ab: bool, p
     return results
 
 
+UPDATE_OVERRIDE = "ingest.update.enabled=true"
+
+
+def run_overrides(overrides: list[str] | None, update: bool) -> list[str]:
+    """The overrides of a run; `update` (`fm run --update`, the deployments' `update`) turns ingest's update mode on."""
+    return [*(overrides or []), UPDATE_OVERRIDE] if update else list(overrides or [])
+
+
+def note_newer_snapshots(stage: str, cfg: PipelineConfig, info: dict[str, Any], log) -> None:
+    """A run without --update uses the config's from-scratch crawl: say so when updates of it are newer."""
+    if stage != "ingest" or cfg.ingest.update.enabled or cfg.ingest.source != "danbooru_api":
+        return
+    from tasks.ingest.lineage import newest
+
+    latest = newest(_store(cfg), info["fingerprint"])
+    if latest is not None and latest.fingerprint != info["fingerprint"]:
+        log.warning("ingest: this run uses the from-scratch crawl %s of this config; its update %s (snapshot %s) is "
+                    "newer: run with --update (a deployment run: -p update=true) to extend that one instead",
+                    info["fingerprint"], latest.fingerprint, latest.snapshot().isoformat(timespec="seconds"))
+
+
 @flow(name="fm", log_prints=True)
 def fm(
     config: str = "demo",
@@ -569,6 +591,7 @@ def fm(
     force: bool = False,
     ab: bool = False,
     phase: str | None = None,
+    update: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all implemented, in DAG order) of the pipeline described by `config`.
 
@@ -576,10 +599,12 @@ def fm(
     force: rebuild the selected stages even when a complete output with their fingerprint exists;
     ab: after the data stages, train with the flow and the DDPM objective (same data, same step budget)
     and evaluate both the same way, instead of one train + eval; phase: with train.phases, run the selected
-    stages of this phase only (its earlier phases' outputs are reused, or built when missing).
+    stages of this phase only (its earlier phases' outputs are reused, or built when missing);
+    update: ingest makes a new output extending the newest one of this config with what was added, changed and
+    removed on Danbooru since (`fm run ingest --update`), and the later stages run on it.
     """
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, run_overrides(overrides, update))
         todo = select_stages(stages)
         load_prefect_secrets(cfg)
         if has_phases(cfg) or phase is not None:

@@ -8,6 +8,10 @@ Two sources:
 - `danbooru_dump`: JSON Lines or Parquet of post records in the API's shape plus an images folder or tar
   shards (the layout of `packages/minibooru/minibooru/dump.py`).
 
+`update` (`fm run ingest --update`): instead of crawling again, extend the newest output of the same config
+with what changed on Danbooru since it was made (tasks/ingest/update.py). Its keys are not part of the
+from-scratch fingerprint; an update output's fingerprint holds them, the output it extends and its snapshot.
+
 Credentials never live in the config: it names the environment variables that hold them.
 """
 from __future__ import annotations
@@ -162,6 +166,31 @@ class EmbeddedConfig(Section):
     near_duplicates: float = Field(0.0, ge=0.0, le=0.5, exclude_if=lambda value: value == 0)
 
 
+class UpdateConfig(Section):
+    """`fm run ingest --update`: a new output that extends the newest one of this config (tasks/ingest/update.py).
+
+    Per query it crawls the posts above the newest known one (`page=a<id>`), re-crawls in full the posts uploaded
+    in the last `recheck_days` (where Danbooru's deletions, expunges and tag fixes mostly happen), and walks
+    `<query> order:change` back to the previous snapshot (minus `overlap_hours`) for every older post whose tags,
+    rating or deleted/banned status changed since.
+    """
+
+    enabled: bool = False  # set by `fm run ingest --update` and the deployments' `update` parameter
+    # Posts uploaded in the last N days are crawled again in full: their removals (expunged, retagged out of a
+    # query) are seen too. Older posts are re-checked through order:change only (a change that keeps them in the
+    # query), unless recheck_known.
+    recheck_days: float = Field(30.0, ge=0, le=36500)
+    # The order:change re-check reaches this far before the previous snapshot (clock skew, replication lag).
+    overlap_hours: float = Field(24.0, ge=0, le=24 * 365)
+    # Also re-fetch every older known post by id (`id:1,2,...`, api.page_limit a request): finds posts that left a
+    # query or were expunged, which order:change cannot show. Costs about as many requests as a full crawl.
+    recheck_known: bool = False
+
+    def identity(self) -> dict:
+        """What of these settings decides an update's output (in its fingerprint)."""
+        return self.model_dump(mode="json", exclude={"enabled"})
+
+
 class IngestConfig(Section):
     source: Literal["danbooru_api", "danbooru_dump"] = "danbooru_api"
     api: ApiConfig = ApiConfig()
@@ -181,6 +210,15 @@ class IngestConfig(Section):
     # workers in shards of this many posts (tasks/ingest/shards.py). Which worker fetched a file does not
     # change the output, so this is left out of the fingerprint.
     shard_posts: int = execution_field(2048, ge=1)
+    # `fm run ingest --update`. Left out of the from-scratch fingerprint (an update's own fingerprint holds it).
+    update: UpdateConfig = execution_field(UpdateConfig())
+
+    @model_validator(mode="after")
+    def _check_update(self) -> "IngestConfig":
+        if self.update.enabled and self.source != "danbooru_api":
+            raise ValueError("update.enabled (`--update`) needs source danbooru_api: a dump has no newer posts to "
+                             "ask for; point dump.posts_path at the newer dump and run without --update")
+        return self
 
     @model_validator(mode="after")
     def _check_queries(self) -> "IngestConfig":

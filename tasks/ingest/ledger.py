@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from tasks.ingest.filters import PostFilter, Reject
 from tasks.common.journal import Journal, read_records
+from tasks.ingest.filters import PostFilter, Reject
+from tasks.ingest.known import Known
 from tasks.ingest.parse import ParseError, Post, parse_post, to_int
 from tasks.ingest.reasons import is_transient
 
@@ -76,6 +77,13 @@ class Ledger:
         self.dump_done = False
         self._replay()
 
+    def restart_pages(self) -> None:
+        """Forget every page (an update's selection starts over); finished downloads stay journaled."""
+        folder, n = self.pages.path.parent, len(self.queries)
+        self.close()
+        self.pages.path.unlink(missing_ok=True)
+        self.__init__(folder, n, self.keep_pending)  # type: ignore[misc]
+
     # --- replay ----------------------------------------------------------------------------------------
     def _replay(self) -> None:
         for rec in self.download_records():
@@ -116,9 +124,10 @@ class Ledger:
                 self.seen_ids.add(int(post_id))
 
     # --- selection ---------------------------------------------------------------------------------------
-    def select(self, records: Iterable[tuple[int, Mapping[str, Any]]], post_filter: PostFilter,
+    def select(self, records: Iterable[tuple[int, Mapping[str, Any] | Known]], post_filter: PostFilter,
                legacy_ratings: str, quotas: list[int]) -> tuple[Page, int]:
-        """Parse, dedupe, filter and count (query index, raw record) pairs against the quotas.
+        """Parse, dedupe, filter and count (query index, raw record) pairs against the quotas (a Known record of
+        the output an update extends instead of a raw one: see tasks/ingest/known.py).
 
         Does not change the ledger (commit() does, after the journal write). Records of a query whose quota
         is already met are skipped without being marked seen (a later query may take them). Returns the page
@@ -133,18 +142,30 @@ class Ledger:
             consumed += 1
             if self.queries[qi].accepted + taken[qi] >= quotas[qi]:
                 continue  # this query is full; the record stays unseen for later queries
-            try:
-                post = parse_post(raw, legacy_ratings)
-            except ParseError as exc:
-                raw_id = (to_int(raw.get("id")) if isinstance(raw, Mapping) else None) or 0
-                page.rejects.append((qi, raw_id, "parse_error", str(exc)))
-                continue
+            if isinstance(raw, Known):  # an update replays a record of the output it extends (tasks/ingest/known.py)
+                post = raw.post
+                if post is None:  # a metadata reject: the same reason, unless another query had it first
+                    if raw.id and (raw.id in self.seen_ids or raw.id in seen):
+                        page.duplicates += 1
+                        page.dup_by_q[qi] += 1
+                    else:
+                        seen.add(raw.id)
+                        page.rejects.append((qi, raw.id, *raw.reject))  # type: ignore[misc]
+                    continue
+            else:
+                try:
+                    post = parse_post(raw, legacy_ratings)
+                except ParseError as exc:
+                    raw_id = (to_int(raw.get("id")) if isinstance(raw, Mapping) else None) or 0
+                    page.rejects.append((qi, raw_id, "parse_error", str(exc)))
+                    continue
             if post.id in self.seen_ids or post.id in seen:
                 page.duplicates += 1
                 page.dup_by_q[qi] += 1
                 continue
             seen.add(post.id)
-            reject = post_filter.check(post)
+            # A known post passed the filters before, under the same config; only the md5 dedupe applies again.
+            reject = None if isinstance(raw, Known) else post_filter.check(post)
             if reject is None and post.md5 is not None:
                 owner = self.md5_owner.get(post.md5) or md5s.get(post.md5)
                 if owner is not None:

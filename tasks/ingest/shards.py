@@ -102,10 +102,17 @@ def _journaled(ctx: StageContext, k: int, shard: dict[str, Any]) -> dict[str, An
 
 
 def crawl(ctx: StageContext) -> None:
-    """The metadata pass: every query's pages (or the dump's records) into the ledger, no files."""
+    """The metadata pass: every query's pages (or the dump's records, or an update's requests and selection) into
+    the ledger, no files (an update journals the kept posts' pool files as their outcomes)."""
+    from tasks.ingest.stage import update_base  # the stage module imports this one
+
     cfg: IngestConfig = ctx.section
     check_queries(cfg)
     plan = query_plan(cfg)
+    base = update_base(ctx)
+    if base is not None:
+        _update_metadata(ctx, plan, base)
+        return
     ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan), keep_pending=False)
     try:
         if ledger.dump_done if cfg.source == "danbooru_dump" else all(q.done for q in ledger.queries):
@@ -124,14 +131,43 @@ def crawl(ctx: StageContext) -> None:
     atomic_write_text(ctx.work / CRAWL_STATS, json.dumps(stats))
 
 
+def _update_metadata(ctx: StageContext, plan: list[tuple[str, str, int]], base) -> None:
+    """An update's requests and selection, and the kept posts' outcomes (idempotent: a finished one sends nothing)."""
+    from tasks.ingest.known import KnownOutput
+    from tasks.ingest.update import open_window, run_update
+
+    cfg: IngestConfig = ctx.section
+    ledger = Ledger(ctx.work / JOURNAL_DIR, len(plan))
+    try:
+        login, api_key = _credentials(cfg)
+        window = open_window(ctx.work / JOURNAL_DIR, base, cfg)
+        with api_endpoint(cfg, ctx.cfg.runtime.cache_dir) as (base_url, _):
+            stats = run_async(run_update(cfg, plan, base_url, ledger, KnownOutput(ctx.store, base), window,
+                                         ctx.store.pool_dir(), login=login, api_key=api_key, log=ctx.log,
+                                         download=False))
+    finally:
+        ledger.close()
+    if not (ctx.work / CRAWL_STATS).exists() or stats["http"].get("requests"):  # a later no-op call keeps the figures
+        atomic_write_text(ctx.work / CRAWL_STATS, json.dumps(stats))
+
+
+def _settled_here(ctx: StageContext) -> set[int]:
+    """Posts whose outcome this process's journal already holds (an update's kept posts): no shard downloads them."""
+    return {int(r["id"]) for r in read_records(ctx.work / JOURNAL_DIR / "downloads.jsonl") if is_final(r)}
+
+
 def _shard_posts(ctx: StageContext) -> Iterator[tuple[int, list[Post]]]:
-    """(k, posts) of every shard: the ledger's taken posts in crawl order, `shard_posts` at a time."""
+    """(k, posts) of every shard: the ledger's taken posts in crawl order that still need their file,
+    `shard_posts` at a time."""
     size = ctx.section.shard_posts
+    settled = _settled_here(ctx)
     ledger = Ledger(ctx.work / JOURNAL_DIR, len(query_plan(ctx.section)), keep_pending=False)
     try:
         chunk: list[Post] = []
         k = 0
         for _, post in ledger.taken():
+            if post.id in settled:
+                continue
             chunk.append(post)
             if len(chunk) == size:
                 yield k, chunk

@@ -121,9 +121,11 @@ def _metatag(name: str, value: str, q: Query) -> Callable[[dict], bool] | None:
                 "pending": lambda p: p["is_pending"], "flagged": lambda p: p["is_flagged"],
                 "any": lambda p: True, "all": lambda p: True}.get(value, lambda p: False)
     if name == "order":
+        # change: Danbooru's updated_at order (newest change first, then id), what an update re-checks with
         q.order = {"id": "id_asc", "id_asc": "id_asc", "id_desc": "id_desc", "score": "score_desc",
                    "score_desc": "score_desc", "score_asc": "score_asc", "favcount": "favcount_desc",
-                   "favcount_asc": "favcount_asc"}.get(value, "id_desc")
+                   "favcount_asc": "favcount_asc", "change": "change_desc", "change_desc": "change_desc",
+                   "change_asc": "change_asc"}.get(value, "id_desc")
         return None
     if name == "limit":
         try:

@@ -62,6 +62,26 @@ def kept_posts(posts: pa.Table, dedup: pa.Table) -> pa.Table:
     return posts.filter(pc.is_in(posts["id"], value_set=kept_ids))
 
 
+# --- reuse --------------------------------------------------------------------------------------
+REUSE_KEY = ("image_path", "tags_general", "tags_character")  # image_path names the file by its md5
+
+
+def reusable(prev_posts: pa.Table, prev_rows: pa.Table, posts: pa.Table) -> pa.Table:
+    """The rows (PARTIAL_SCHEMA) of an earlier tag output, made by the same tagger, that hold as they are for
+    `posts`: same id, same image file and same Danbooru general/character tags (the inputs of the merge) as the
+    posts that output was made from. Sorted by id. Only the other posts need the tagger (an update's new and
+    changed posts); the tag-rarity weights are global and are recomputed over every row."""
+    def keys(table: pa.Table) -> dict[int, tuple]:
+        cols = [table[c].to_pylist() for c in REUSE_KEY]
+        return {i: (path, tuple(gen or ()), tuple(char or ()))
+                for i, path, gen, char in zip(table["id"].to_pylist(), *cols)}
+
+    before, now = keys(prev_posts), keys(posts)
+    same = [i for i, key in now.items() if before.get(i) == key]
+    rows = prev_rows.select(PARTIAL_SCHEMA.names)
+    return rows.filter(pc.is_in(rows["id"], value_set=pa.array(same, pa.int64()))).sort_by("id")
+
+
 # --- tagging -------------------------------------------------------------------------------------
 def tag_batches(folder: TaggerFolder, cfg: Any, items: list[tuple[int, Path]], backend) -> Iterator[BatchResult]:
     if backend.name == "torch" and backend.device == "cuda":

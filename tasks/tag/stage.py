@@ -10,6 +10,12 @@ rejects.parquet + summary.json + pictures, and only then removes the journal; a 
 redoes only that step. The shards' results do not depend on which worker ran them, so tags.parquet is
 the same bytes whatever the runner.
 
+Reuse (an update's later stages): rows of an earlier tag output made by the same tagger (code version, config,
+model and label files, backend, device) are kept for the posts whose id, image file (md5) and Danbooru
+general/character tags are unchanged since (core.reusable); only the other posts go through the model. The
+earlier output is the current one, else the newest one of the same tagger; its upstream ingest output must still
+exist. The weights are recomputed over the whole dataset as always.
+
 The same shape as every stage (docs/adding_a_stage.md): the tagging itself and the report's numbers are
 plain functions in core.py, the pictures in visuals.py; this module holds the shard bookkeeping and `build`.
 """
@@ -28,10 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_contracts.dedup import DEDUP_SCHEMA
-from data_contracts.errors import ContractError, StageError
+from data_contracts.errors import BooruflowError, ContractError, StageError
+from data_contracts.fingerprint import digest
+from data_contracts.ingest import IngestManifest
+from data_contracts.manifest import MANIFEST_NAME
 from data_contracts.store import atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
-from data_contracts.tag import TAGS_SCHEMA
+from data_contracts.tag import TAGS_SCHEMA, TagManifest
+from pipeline_config.load import section_dict
 from tasks.common.journal import read_done_mark, write_done_mark
 from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
@@ -39,7 +49,15 @@ from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
 from tasks.common.upstream import read_upstream
 from tasks.dedup.stage import DEDUP_FILE
 from tasks.tag.backends import choose_backend, load_backend, resolve_device
-from tasks.tag.core import PARTIAL_SCHEMA, kept_posts, posts_files, read_posts, summarise, tag_shard
+from tasks.tag.core import (
+    PARTIAL_SCHEMA,
+    kept_posts,
+    posts_files,
+    read_posts,
+    reusable,
+    summarise,
+    tag_shard,
+)
 from tasks.tag.merge import Merger, MergeRules
 from tasks.tag.model import TaggerFolder, resolve_model
 from tasks.tag.visuals import make_tag_sheets, sheet_ids
@@ -80,6 +98,67 @@ def _posts(ctx: StageContext) -> pa.Table:
         return kept_posts(read_posts(ctx.store, manifest), kept)
 
     return _POSTS.get(key, load)
+
+
+_REUSE: ProcessCache[tuple[pa.Table, TagManifest] | None] = ProcessCache("tag rows reused from an earlier output")
+
+
+def _identity(ctx: StageContext) -> dict[str, Any]:
+    """What makes two tag outputs give the same row for the same image and tags (compared with an earlier one's)."""
+    # lazy: tasks.models imports diffusers
+    from tasks.models.identity import file_identity
+
+    folder, kind, _ = _tagger(ctx, load=False)
+    cache = Path(ctx.cfg.runtime.cache_dir)
+    return {"code_version": CODE_VERSION, "config_digest": digest(section_dict(ctx.cfg, "tag")), "backend": kind,
+            "model_identity": file_identity(folder.onnx_path if kind == "onnx" else folder.weights_path, cache),
+            "labels_sha256": file_identity(folder.path / "selected_tags.csv", cache),
+            "device": resolve_device(ctx.section.device)}
+
+
+def _identity_of(manifest: TagManifest) -> dict[str, Any]:
+    return {"code_version": manifest.code_version, "config_digest": manifest.config_digest,
+            "backend": manifest.backend, "model_identity": manifest.model_identity,
+            "labels_sha256": manifest.stats.get("labels_sha256"), "device": manifest.stats.get("device")}
+
+
+def _reuse_source(ctx: StageContext) -> TagManifest | None:
+    """The earlier tag output whose rows may be kept: the current one, else the newest, of the same tagger."""
+    store, mine = ctx.store, _identity(ctx)
+    found = []
+    for path in store.fs.glob(f"{store.output_path('tag', '*')}/{MANIFEST_NAME}"):
+        fingerprint = str(path).rstrip("/").split("/")[-2]
+        if fingerprint == ctx.fingerprint or fingerprint.startswith((".", "_")):
+            continue
+        try:
+            manifest = store.read_manifest(TagManifest, fingerprint)
+        except BooruflowError:
+            continue
+        if _identity_of(manifest) == mine and "ingest" in manifest.upstream:
+            found.append(manifest)
+    current = store.current("tag")
+    return max(found, key=lambda m: (m.fingerprint == current, m.created_at), default=None)
+
+
+def _reused(ctx: StageContext) -> tuple[pa.Table, TagManifest] | None:
+    """(rows of an earlier output that hold for this run's posts, that output), or None (nothing to reuse)."""
+    source = _reuse_source(ctx)  # looked up each time (a few manifests): a worker process outlives a run
+    if source is None:
+        return None
+
+    def load() -> tuple[pa.Table, TagManifest] | None:
+        try:
+            before = read_posts(ctx.store, ctx.store.read_manifest(IngestManifest, source.upstream["ingest"]))
+            rows = read_table(ctx.store.path(source, TAGS_FILE), TAGS_SCHEMA, columns=PARTIAL_SCHEMA.names)
+        except BooruflowError as exc:  # its ingest output is gone, a file is broken: tag everything
+            ctx.log.info("tag: not reusing rows of %s (%s)", source.fingerprint, exc)
+            return None
+        kept = reusable(before, rows, _posts(ctx))
+        ctx.log.info("tag: %d of %d rows kept from %s (same tagger, same image and tags)", kept.num_rows,
+                     _posts(ctx).num_rows, source.fingerprint)
+        return kept, source
+
+    return _REUSE.get((ctx.store.root_url, ctx.fingerprint, source.fingerprint, source.created_at), load)
 
 
 def _tagger(ctx: StageContext, load: bool = True) -> tuple[TaggerFolder, str, Any]:
@@ -144,18 +223,30 @@ def run_shard(ctx: StageContext, shard: dict[str, Any]) -> dict[str, Any]:
     ids = posts["id"]
     if posts.num_rows == 0 or ids[0].as_py() != shard["first_id"] or ids[-1].as_py() != shard["last_id"]:
         raise StageError(f"tag shard {k} does not match the ingest posts it was planned on; rerun `fm run tag`")
-    folder, kind, backend = _tagger(ctx)
-    # Object storage: bring this shard's images into the local pool mirror (once per machine).
-    pool = ctx.store.pool_fetch(posts["image_path"].to_pylist(), posts["file_size"].to_pylist())
-    rows, rejects = tag_shard(posts, pool, folder, cfg, backend, Merger(folder.labels, MergeRules.from_config(cfg)))
-    summary = {"index": k, "tagged": len(rows), "rejected": len(rejects), "first_id": shard["first_id"],
-               "last_id": shard["last_id"], "device": backend.device, "input_size": int(backend.input_size),
-               "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (for people)
+    reused = _reused(ctx)
+    kept = reused[0].filter(pc.is_in(reused[0]["id"], value_set=ids.combine_chunks())) if reused is not None else None
+    todo = posts.filter(pc.invert(pc.is_in(ids, value_set=kept["id"]))) if kept is not None else posts
+    rows, rejects, device, input_size = [], [], None, None
+    if todo.num_rows:  # only the new and changed posts go through the tagger
+        folder, kind, backend = _tagger(ctx)
+        # Object storage: bring this shard's images into the local pool mirror (once per machine).
+        pool = ctx.store.pool_fetch(todo["image_path"].to_pylist(), todo["file_size"].to_pylist())
+        rows, rejects = tag_shard(todo, pool, folder, cfg, backend, Merger(folder.labels, MergeRules.from_config(cfg)))
+        device, input_size = backend.device, int(backend.input_size)
+    else:  # every row kept: the earlier output ran the same tagger on the same device
+        device, input_size = reused[1].stats.get("device"), int(reused[1].stats.get("input_size") or 0)  # type: ignore[index]
+    table = rows_to_table(rows, PARTIAL_SCHEMA)
+    if kept is not None and kept.num_rows:
+        table = pa.concat_tables([table, kept.cast(PARTIAL_SCHEMA)]).sort_by("id")
+    summary = {"index": k, "tagged": table.num_rows, "rejected": len(rejects), "reused": kept.num_rows if kept
+               is not None else 0, "first_id": shard["first_id"], "last_id": shard["last_id"], "device": device,
+               "input_size": input_size, "worker": f"{socket.gethostname()}:{os.getpid()}"}  # who ran it (for people)
     tags_rel, rejects_rel, done_rel = _shard_rels(k)
-    write_table(rows_to_table(rows, PARTIAL_SCHEMA), ctx.work / tags_rel, PARTIAL_SCHEMA)
+    write_table(table, ctx.work / tags_rel, PARTIAL_SCHEMA)
     write_table(rows_to_table(rejects, REJECTS_SCHEMA), ctx.work / rejects_rel, REJECTS_SCHEMA)
     write_done_mark(ctx, done_rel, summary, (tags_rel, rejects_rel))
-    ctx.log.info("tag: shard %d: %d tagged, %d rejected", k, len(rows), len(rejects))
+    ctx.log.info("tag: shard %d: %d tagged (%d kept from an earlier output), %d rejected", k, table.num_rows,
+                 summary["reused"], len(rejects))
     return summary
 
 
@@ -250,6 +341,13 @@ def build(ctx: StageContext) -> StageResult:
 
     meta = _meta(ctx, folder, kind, shards[0]["device"], int(shards[0]["input_size"]))
     stats, report = summarise(final, rejects, weights, cfg.weight, concepts, meta)
+    reused = sum(int(s.get("reused", 0)) for s in shards)
+    if reused:
+        source = _reused(ctx)
+        stats["reused_rows"] = {"rows": reused, "from": source[1].fingerprint if source else None}
+        report.summary_md += (f"- {reused} of {final.num_rows} rows kept from tag output `{stats['reused_rows']['from']}` "
+                              "(same tagger; image and Danbooru tags unchanged): only the others went through the "
+                              "model\n")
     images = _pictures(ctx, final, posts)
     summary = {"row_counts": {"tags": final.num_rows, "rejects": rejects.num_rows}, "stats": stats,
                "meta": meta, "report": {"summary_md": report.summary_md, "tables": report.tables, "images": images}}

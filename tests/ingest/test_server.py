@@ -409,3 +409,33 @@ def test_client_that_leaves_during_a_delay_is_recorded_as_499(minibooru_server: 
     while minibooru_server.stats.count("posts") == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert minibooru_server.stats.count("posts", 499) == 1 and minibooru_server.stats.count("posts", 200) == 0
+
+
+def test_edits_show_as_danbooru_shows_them(minibooru: MiniBooru, minibooru_server_factory, tmp_path: Path) -> None:
+    """Uploads, retags, deletions, bans and expunges between two requests (in the server's memory only): every edit
+    moves the post to the top of order:change; searches, single posts and files follow."""
+    from minibooru.edits import fresh_posts
+
+    server = minibooru_server_factory()  # its own server: the session one stays unedited
+    visible = visible_with_file(minibooru, exts=("jpg", "png"))
+    a, b, c, d = (p["id"] for p in visible[:4])
+    server.retag(a, add=["new_tag_x"], remove=[minibooru.load_posts()[0]["tag_string_general"].split()[0]],
+                 rating="e")
+    server.delete(b)
+    server.ban(c)
+    server.expunge(d)
+    [new] = server.upload(fresh_posts(tmp_path / "fresh", 1, seed=5, max_side=128)[:1])
+    changed = [p["id"] for p in posts_json(server, tags="order:change", limit=4)[1]]
+    assert set(changed) == {new, a, b, c}  # the newest changes (ties: id desc, as on Danbooru)
+    post_a = server.post(a)
+    assert "new_tag_x" in post_a["tag_string_general"].split() and post_a["rating"] == "e"
+    assert [p["id"] for p in posts_json(server, tags="new_tag_x")[1]] == [a]
+    assert [p["id"] for p in posts_json(server, tags=f"id:{b}")[1]] == [b]  # a deleted post is still returned
+    assert posts_json(server, tags=f"id:{b} -status:deleted")[1] == []
+    banned = posts_json(server, tags=f"id:{c}")[1][0]
+    assert banned["is_banned"] and "md5" not in banned and "file_url" not in banned
+    assert get(server, f"/posts/{d}.json")[0] == 404 and posts_json(server, tags=f"id:{d}")[1] == []
+    uploaded = posts_json(server, tags=f"id:{new}")[1][0]
+    assert new == max(p["id"] for p in all_posts(minibooru)) + 1 and uploaded["created_at"] == uploaded["updated_at"]
+    status, body, _ = get(server, uploaded["file_url"])
+    assert status == 200 and hashlib.md5(body).hexdigest() == uploaded["md5"]

@@ -22,7 +22,7 @@ import pytest
 
 from data_contracts.errors import StageError
 from pipeline_config.load import load_config
-from tasks.ingest.ledger import Ledger, is_final
+from tasks.ingest.ledger import is_final
 from tasks.ingest.reasons import is_transient
 from tests.ingest.test_stage import make_cfg, outputs, run
 

@@ -27,6 +27,12 @@ Pages: page=N newest first with an offset; N > page_cap -> 410. page=b<id>: the 
 page=a<id>: the `limit` lowest ids above id; both answered id-descending like Danbooru (order: ignored).
 Posts the viewer may not see come without md5/file_url/large_file_url/preview_file_url.
 
+order:change (Danbooru's updated_at order, newest change first) pages by page number like every order:.
+
+Edits (in memory, as Danbooru makes them; see edits.py): `server.upload(posts)`, `server.retag(id, add=, remove=,
+rating=)`, `server.delete(id)`, `server.ban(id)`, `server.expunge(id)` change what later requests see, so a test can
+crawl, edit, and crawl again.
+
 Auth: `login`+`api_key` query params or HTTP Basic. A half-given credential -> 401; with `credentials` set a
 wrong key or unknown login -> 401; without, any complete credential is accepted. Errors are Danbooru JSON
 {"success": false, "error": ..., "message": ...}. Images need no auth (they live on the CDN). Secrets are never
@@ -45,6 +51,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -53,6 +60,7 @@ from PIL import Image
 
 from tasks.ingest.tag_query import Query, parse_tags
 
+from . import edits
 from .generate import MARKER, hide_file_fields
 from .render import placeholder
 
@@ -168,8 +176,8 @@ class _Store:
                 self.postings.setdefault(t, set()).add(pid)
         self.tags: list[dict] = json.loads((root / "tags.json").read_text(encoding="utf-8"))
         self.tags.sort(key=lambda t: -t["id"])
-        # md5 -> (post id, original ext, path); only files that exist
-        self.files: dict[str, tuple[int, str, Path]] = {}
+        # md5 -> (post id, original ext, path; None: an upload's file, kept in `memory`); only files that exist
+        self.files: dict[str, tuple[int, str, Path | None]] = {}
         for p in posts:
             md5 = p.get("md5")
             if md5:
@@ -193,6 +201,48 @@ class _Store:
             data = self.files[md5][2].read_bytes()
         return data
 
+    # --- edits (server.upload / retag / delete / ban / expunge) -----------------------------------------
+    def put(self, post: dict, data: bytes | None = None) -> None:
+        """Insert or replace a post (and, for an upload, keep its file in memory)."""
+        pid = post["id"]
+        if pid in self.posts:
+            self.drop(pid, keep_file=data is None)
+        self.posts[pid] = post
+        self.ids_asc.insert(bisect_left(self.ids_asc, pid), pid)
+        self.tags_of[pid] = frozenset(post["tag_string"].split())
+        for t in self.tags_of[pid]:
+            self.postings.setdefault(t, set()).add(pid)
+        md5 = post.get("md5")
+        if md5 and data is not None:
+            self.memory[md5] = data
+            self.files[md5] = (pid, post["file_ext"], None)
+        if md5 and md5 in self.files:
+            self.md5_of[pid] = md5
+            if post["file_ext"] in ("jpg", "png", "webp", "avif", "gif"):
+                ids = self.image_ids.setdefault(post["file_ext"], [])
+                if pid not in ids:
+                    ids.insert(bisect_left(ids, pid), pid)
+
+    def drop(self, pid: int, keep_file: bool = False) -> dict:
+        """Remove a post from every index (and its file unless keep_file: a tag edit keeps it)."""
+        post = self.posts.pop(pid)
+        self.ids_asc.pop(bisect_left(self.ids_asc, pid))
+        for t in self.tags_of.pop(pid, frozenset()):
+            self.postings.get(t, set()).discard(pid)
+        md5 = self.md5_of.pop(pid, None)
+        if md5 and not keep_file:
+            self.files.pop(md5, None)
+            self.memory.pop(md5, None)
+            for ids in self.image_ids.values():
+                if pid in ids:
+                    ids.remove(pid)
+        elif md5:
+            self.md5_of[pid] = md5
+        return post
+
+    def categories(self) -> dict[str, int]:
+        return {t["name"]: t["category"] for t in self.tags}
+
 
 # ---------------------------------------------------------------------------------------- tag queries
 
@@ -204,6 +254,17 @@ class QueryError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- server
+
+
+def _stamp(value: str | None) -> datetime:
+    """An API timestamp ("2024-05-01T12:00:00.000-04:00") as an aware datetime (offsets differ: not sortable as text)."""
+    try:
+        return datetime.fromisoformat(value) if value else _EPOCH
+    except ValueError:
+        return _EPOCH
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -335,6 +396,59 @@ class MiniBooruServer:
     def reset_stats(self) -> None:
         self.stats = ServerStats()
 
+    # --- edits -----------------------------------------------------------------------------------
+    def _edit(self, fn) -> Any:
+        """Run fn(store) on the server's loop (between requests, never inside one), then forget cached answers."""
+        def apply() -> Any:
+            out = fn(self._store)
+            self._json_cache.clear()
+            self._search_cache.clear()
+            return out
+
+        if self._loop is None or not self._loop.is_running():
+            return apply()
+
+        async def on_loop() -> Any:
+            return apply()
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(timeout=30)
+
+    def post(self, post_id: int) -> dict:
+        """The current record of a post (a copy; KeyError when there is none)."""
+        return copy.deepcopy(self._store.posts[post_id])
+
+    def upload(self, posts: Iterable[tuple[dict, bytes | None]]) -> list[int]:
+        """New posts (record, original file bytes or None), uploaded now under the next ids; returns the ids."""
+        def apply(store: _Store) -> list[int]:
+            ids = []
+            for post, data in posts:
+                new_id = (store.ids_asc[-1] if store.ids_asc else 0) + 1
+                store.put(edits.as_upload(post, new_id), data)
+                ids.append(new_id)
+            return ids
+
+        return self._edit(apply)
+
+    def retag(self, post_id: int, add: Iterable[str] = (), remove: Iterable[str] = (),
+              rating: str | None = None) -> dict:
+        """A tag (and/or rating) edit of one post; returns the new record."""
+        def apply(store: _Store) -> dict:
+            post = edits.retag(store.posts[post_id], add, remove, rating, store.categories())
+            store.put(post)
+            return post
+
+        return self._edit(apply)
+
+    def delete(self, post_id: int) -> dict:
+        return self._edit(lambda store: (store.put(post := edits.delete(store.posts[post_id])), post)[1])
+
+    def ban(self, post_id: int) -> dict:
+        return self._edit(lambda store: (store.put(post := edits.ban(store.posts[post_id])), post)[1])
+
+    def expunge(self, post_id: int) -> dict:
+        """Remove a post and its file for good (later requests: 404 for it, absent from searches)."""
+        return self._edit(lambda store: store.drop(post_id))
+
     # --- helpers ---------------------------------------------------------------------------------
     def _count(self, kind: str, status: int, nbytes: int = 0) -> None:
         self.stats.requests[(kind, status)] += 1
@@ -460,6 +574,9 @@ class MiniBooruServer:
             ordered = asc[::-1]
         elif q.order == "id_asc":
             ordered = asc
+        elif q.order in ("change_desc", "change_asc"):  # updated_at, then id (Danbooru: posts.updated_at, posts.id)
+            changed = {pid: (_stamp(st.posts[pid].get("updated_at")), pid) for pid in asc}
+            ordered = sorted(asc, key=changed.__getitem__, reverse=q.order == "change_desc")
         else:
             field_, desc = {"score_desc": ("score", True), "score_asc": ("score", False),
                             "favcount_desc": ("fav_count", True), "favcount_asc": ("fav_count", False)}[q.order]
