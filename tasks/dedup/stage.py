@@ -6,6 +6,10 @@ hashed in blocks of HASH_BLOCK (in id order) and each block's hashes are one rec
 record. Grouping (tasks/dedup/groups.py: sub-quadratic pair search + union-find, ~2 s at 260k) then runs over
 every hash at once, and dedup.parquet + rejects.parquet + pictures are written. Downstream, tag reads
 `kept`. With `dedup.enabled: false` nothing is hashed and every post is kept.
+
+A hash depends on the image file alone (its md5 names it in the pool), so after `fm run --update` the hashes of
+an earlier dedup output of the same code version are reused for every file it hashed (`earlier_hashes`): only
+new and changed images are decoded. Grouping always runs over the whole dataset.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_contracts.dedup import DEDUP_SCHEMA
-from data_contracts.errors import StageError
-from data_contracts.ingest import POSTS_SCHEMA
-from data_contracts.tables import REJECTS_SCHEMA, write_table
+from data_contracts.dedup import DEDUP_SCHEMA, DedupManifest
+from data_contracts.errors import BooruflowError, StageError
+from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
+from data_contracts.manifest import MANIFEST_NAME
+from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
 from pipeline_config.dedup import DedupConfig
 from tasks.common.journal import Journal
 from tasks.common.pictures import draw_pictures
@@ -36,8 +41,42 @@ HASH_BLOCK = 4096  # posts per journal record: a kill loses at most this much ha
 POST_COLUMNS = ["id", "score", "width", "height", "parent_id", "image_path", "file_size"]
 
 
-def hash_posts(ctx: StageContext, posts: pa.Table, workers: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(uint64 hashes, ok flags, {row: (reason, detail)}) for `posts` (id order), resuming from the journal."""
+def earlier_hashes(ctx: StageContext) -> dict[str, int]:
+    """{pool image path: pHash} from the newest other complete dedup output of this code version (the current
+    one first) whose ingest output still exists; {} when there is none. Unhashable images are not in it."""
+    store, found = ctx.store, []
+    for path in store.fs.glob(f"{store.output_path('dedup', '*')}/{MANIFEST_NAME}"):
+        fingerprint = str(path).rstrip("/").split("/")[-2]
+        if fingerprint == ctx.fingerprint or fingerprint.startswith((".", "_")):
+            continue
+        try:
+            manifest = store.read_manifest(DedupManifest, fingerprint)
+        except BooruflowError:  # another contract version, a broken manifest
+            continue
+        if manifest.code_version == CODE_VERSION and "ingest" in manifest.upstream:
+            found.append(manifest)
+    current = store.current("dedup")
+    for source in sorted(found, key=lambda m: (m.fingerprint == current, m.created_at), reverse=True):
+        try:
+            ingest = store.read_manifest(IngestManifest, source.upstream["ingest"])
+            before = read_upstream(store, ingest, "posts", POSTS_SCHEMA, ["id", "image_path"])
+            hashed = read_table(store.path(source, DEDUP_FILE), DEDUP_SCHEMA, columns=["id", "phash"])
+        except BooruflowError as exc:  # its ingest output is gone, a file is broken: try an older one
+            ctx.log.info("dedup: not reusing the hashes of %s (%s)", source.fingerprint, exc)
+            continue
+        paths = dict(zip(before.column("id").to_pylist(), before.column("image_path").to_pylist()))
+        known = {paths[i]: h for i, h in zip(hashed.column("id").to_pylist(), hashed.column("phash").to_pylist())
+                 if h is not None and paths.get(i)}
+        ctx.log.info("dedup: %d hashes known from %s", len(known), source.fingerprint)
+        return known
+    return {}
+
+
+def hash_posts(ctx: StageContext, posts: pa.Table, workers: int | None,
+               known: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(uint64 hashes, ok flags, {row: (reason, detail)}) for `posts` (id order), resuming from the journal;
+    images in `known` (pool path -> hash) are not decoded again."""
+    known = known or {}
     n = posts.num_rows
     ids = posts.column("id").to_numpy()
     rels = posts.column("image_path").to_pylist()
@@ -56,15 +95,20 @@ def hash_posts(ctx: StageContext, posts: pa.Table, workers: int | None) -> tuple
             ctx.log.info("dedup: %d of %d hash blocks journaled by an earlier run", len(done), len(done) + len(todo))
         for k, start in enumerate(todo):
             stop = min(n, start + HASH_BLOCK)
-            pool = ctx.store.pool_fetch(rels[start:stop], sizes[start:stop])  # object storage: local copies
-            result = hash_files([str(pool / rel) for rel in rels[start:stop]], workers=workers)
+            block = [known.get(rel) for rel in rels[start:stop]]
+            new = [i for i, h in enumerate(block) if h is None]  # not hashed before (or not hashable then)
+            pool = ctx.store.pool_fetch([rels[start + i] for i in new], [sizes[start + i] for i in new])
+            result = hash_files([str(pool / rels[start + i]) for i in new], workers=workers)
+            for i, h, good in zip(new, result.hashes, result.ok):
+                block[i] = int(h) if good else None
             rec = {"start": start, "first_id": int(ids[start]),
-                   "hashes": [to_hex(h) if good else None for h, good in zip(result.hashes, result.ok)],
-                   "errors": [[e.index, e.reason, e.detail[:300]] for e in result.errors]}
+                   "hashes": [None if h is None else to_hex(h) for h in block],
+                   "errors": [[new[e.index], e.reason, e.detail[:300]] for e in result.errors]}
             journal.append(rec, sync=True)
             _apply(rec, start, hashes, ok, errors)
             ctx.progress((len(done) + k + 1) / max(1, len(done) + len(todo)),
-                         f"hashed {stop} of {n} images ({(stop - start) / max(result.seconds, 1e-9):.0f}/s)")
+                         f"hashed {stop} of {n} images ({len(new)} decoded, "
+                         f"{len(new) / max(result.seconds, 1e-9):.0f}/s)")
     return hashes, ok, errors
 
 
@@ -144,7 +188,7 @@ def build(ctx: StageContext) -> StageResult:
         raise StageError("the ingest output has no posts; widen the ingest queries and rerun `fm run ingest`")
     groups, unhashed = None, Counter()
     if cfg.enabled:
-        hashes, ok, errors = hash_posts(ctx, posts, cfg.workers or None)
+        hashes, ok, errors = hash_posts(ctx, posts, cfg.workers or None, earlier_hashes(ctx))
         table, rejects, groups = dedup_tables(posts, hashes, ok, cfg)
         unhashed = Counter(reason for reason, _ in errors.values())
     else:

@@ -180,3 +180,40 @@ def test_the_config_refuses_a_parent_distance_below_max_distance():
     with pytest.raises(Exception, match="parent_distance"):
         load_config({"dedup": {"max_distance": 8, "parent_distance": 4}})
     assert json.loads(load_config({}).dedup.model_dump_json())["max_distance"] == 6
+
+
+def test_an_update_decodes_only_new_files_and_equals_a_fresh_run(env, tmp_path, monkeypatch):
+    """After an ingest update, hashes of files an earlier dedup output hashed are reused (the pool path holds the
+    md5); a post whose image changed has a new file and is hashed again; the output equals a fresh store's."""
+    store, _ = env
+    run_stage(dedup_stage.SPEC, _cfg(tmp_path), store)  # the dedup of the first crawl
+
+    def updated(target: ArtifactStore) -> IngestManifest:
+        first = _ingest(target)  # the same pool files (a fresh store needs them too)
+        posts = pq.read_table(target.path(first, "posts.parquet")).to_pylist()
+        posts = [p for p in posts if p["id"] != 1005]  # deleted on Danbooru
+        pool = target.pool_dir()
+        for post_id, seed in ((1004, 18), (1010, 17)):  # 1004 replaced by another picture, 1010 uploaded
+            data = encode(scene_image(seed, 640, 800), "PNG")
+            rel = f"images/{post_id}-{seed}.png"
+            (pool / rel).write_bytes(data)
+            row = dict(next(p for p in posts if p["id"] == 1004), id=post_id, image_path=rel, file_size=len(data))
+            posts = [p for p in posts if p["id"] != post_id] + [row]
+        table = pa.Table.from_pylist(sorted(posts, key=lambda p: p["id"]), schema=POSTS_SCHEMA)
+        return commit_output(target, IngestManifest, {"posts.parquet": (table, POSTS_SCHEMA)},
+                             fields={"source": "danbooru_api", "queries": ["x"]}, fingerprint="update1")
+
+    updated(store)
+    calls: list[list[str]] = []
+    real = dedup_stage.hash_files
+    monkeypatch.setattr(dedup_stage, "hash_files", lambda paths, **kw: calls.append(list(paths)) or real(paths, **kw))
+    again = run_stage(dedup_stage.SPEC, _cfg(tmp_path), store).manifest
+    decoded = sorted(p.rsplit("/", 1)[-1] for c in calls for p in c)
+    # the two new files, and the two the first run could not hash (broken, missing): nothing it hashed
+    assert decoded == ["1004-18.png", "1008.png", "1009.png", "1010-17.png"]
+    fresh_root = tmp_path / "fresh"
+    fresh = ArtifactStore(str(fresh_root / "data"), local_cache=fresh_root / "cache")
+    updated(fresh)
+    monkeypatch.setattr(dedup_stage, "hash_files", real)
+    whole = run_stage(dedup_stage.SPEC, _cfg(fresh_root), fresh).manifest
+    assert store.path(again, "dedup.parquet").read_bytes() == fresh.path(whole, "dedup.parquet").read_bytes()
