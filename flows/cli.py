@@ -496,6 +496,12 @@ def cmd_train_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from flows.study import study_main
+
+    return study_main(args.config, args.override, write_doc=args.write_doc, preflight=not args.no_preflight)
+
+
 def cmd_models_random(args: argparse.Namespace) -> int:
     from tasks.models.random_models import summary_lines, write_random_models
 
@@ -625,6 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sample)
 
+    p = add("study", help="the flow-vs-ε study: ε base, flow and ε arms per seed, eval, report (issue 19)",
+            description="Run (or resume) the flow-vs-ε study of a config with a `study:` section (preset ab-study) "
+                        "and write its report; every stage output is cached, so a rerun goes on where one stopped.")
+    p.add_argument("--write-doc", action="store_true", help="also write the report to docs/flow_vs_ddpm.md")
+    p.add_argument("--no-preflight", action="store_true", help="skip the preflight checks")
+    _common(p)
+    p.set_defaults(func=cmd_study, config="ab-study")
+
     p = add("train-node", help="join a multi-node training run from another machine")
     p.add_argument("run_file", help="the run.json the train stage logged (on shared storage)")
     p.add_argument("--accelerate-config", required=True,
@@ -661,8 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the SD1.5 checkpoint's tensors (the tagger is fp32, as published)")
     p.add_argument("--force", action="store_true", help="rewrite outputs that already exist")
-    p.add_argument("--scale", choices=["full", "tiny"], default="full",
-                   help="full: the real sizes; tiny: the demo's tiny shapes under *-tiny names, a CPU smoke test")
+    p.add_argument("--scale", choices=["full", "small", "tiny"], default="full",
+                   help="full: the real sizes; small: SD1.5's layout at 2/5 width + the tiny VAE (the ab-study "
+                        "preset); tiny: the demo's tiny shapes under *-tiny names, a CPU smoke test")
     p.set_defaults(func=cmd_models_random)
 
     p = add("files", help="serve a data root read-only over HTTP (for image artifacts)")

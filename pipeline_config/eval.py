@@ -24,6 +24,9 @@ class EvalConfig(Section):
     base_model: str | None = None  # None: the train config's `model`
     checkpoints: list[str] = []  # extra checkpoints (files, diffusers folders, step folders on base_model)
     compare: list[str] = []  # other train outputs (fingerprints) to evaluate the same way, e.g. an A/B run
+    # Also evaluate each compared run's epoch exports (train.export_every_epochs), at the step each was made:
+    # a learning curve along one run (the flow-vs-ε study). Out of the fingerprint while off.
+    exports: bool = Field(False, exclude_if=lambda value: not value)
 
     # --- generation ---------------------------------------------------------------------------
     images_per_concept: int = Field(8, ge=1)  # K

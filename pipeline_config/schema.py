@@ -1,4 +1,4 @@
-"""The whole pipeline config: one section per stage plus data_root and runtime."""
+"""The whole pipeline config: one section per stage plus data_root, runtime and the study (`fm study`)."""
 from __future__ import annotations
 
 from pipeline_config.base import Section
@@ -9,6 +9,7 @@ from pipeline_config.eval import EvalConfig
 from pipeline_config.ingest import IngestConfig
 from pipeline_config.quality import QualityConfig
 from pipeline_config.runtime import RuntimeConfig
+from pipeline_config.study import StudyConfig
 from pipeline_config.tag import TagConfig
 from pipeline_config.train import TrainConfig
 
@@ -26,3 +27,4 @@ class PipelineConfig(Section):
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    study: StudyConfig = StudyConfig()  # the flow-vs-ε study (tasks/study/), not a stage: in no fingerprint

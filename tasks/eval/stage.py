@@ -1,7 +1,8 @@
 """The eval stage: does each checkpoint draw the characters and artists it was trained on?
 
-For every checkpoint (the base model as step 0, the train output, `eval.compare` train outputs, extra
-`eval.checkpoints`) and every concept with >= `eval.min_samples` training images, plus a fixed control
+For every checkpoint (the base model as step 0, the train output, `eval.compare` train outputs, with
+`eval.exports` each of those runs' epoch exports at the steps they were made, extra `eval.checkpoints`) and every
+concept with >= `eval.min_samples` training images, plus a fixed control
 set, it generates K images with the training prompt template (same seeds for every checkpoint, so the
 comparison is paired), writes them as PNGs with their parameters, and detects the concept twice:
 the WD tagger's own tag (when the tagger knows it) and a nearest-centroid probe fitted on the concept's
@@ -81,6 +82,14 @@ def compared_runs(ctx: StageContext) -> list[TrainManifest]:
                       if fp != train.fingerprint]
 
 
+def run_exports(run: TrainManifest) -> list[dict[str, Any]]:
+    """The epoch exports a train output lists ({epoch, step, path}, stats["exports"]), oldest first; the final
+    export is the run's own checkpoint, not one of these."""
+    listed = {f.path for f in run.files}
+    exports = [e for e in (run.stats.get("exports") or []) if e.get("path") in listed and int(e.get("step", 0)) > 0]
+    return sorted(exports, key=lambda e: int(e["step"]))
+
+
 def plan_checkpoints(ctx: StageContext, runs: list[TrainManifest]) -> list[EvalCheckpoint]:
     cfg = ctx.section
     objectives = list(dict.fromkeys(r.objective for r in runs))
@@ -90,8 +99,8 @@ def plan_checkpoints(ctx: StageContext, runs: list[TrainManifest]) -> list[EvalC
             out.append(EvalCheckpoint(id=f"base-{obj}", label=f"base model ({obj} sampling)", spec=base_model(ctx),
                                       run="base", objective=obj, step=0))
     for r in runs:
-        for snap in getattr(r, "snapshots", None) or []:  # intermediate exports, when the train stage lists them
-            step, rel = (snap["step"], snap["path"]) if isinstance(snap, dict) else snap
+        for snap in run_exports(r) if cfg.exports else []:
+            step, rel = snap["step"], snap["path"]
             out.append(EvalCheckpoint(id=f"{r.objective}-{r.fingerprint[:8]}-s{int(step)}",
                                       label=f"{r.objective} {r.fingerprint[:8]}", spec=str(ctx.store.path(r, rel)),
                                       run=r.fingerprint, objective=r.objective, step=int(step)))

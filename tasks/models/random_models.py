@@ -11,8 +11,11 @@ through exactly the code a user's files go through:
   <out>/wd-swinv2-tagger-v3-random/      model.safetensors (fp32, as published) + config.json + selected_tags.csv
                                          [+ model.onnx]: the SmilingWolf/wd-swinv2-tagger-v3 file layout
 
-``scale="tiny"`` writes the demo's tiny shapes instead (a CPU smoke test of the command, seconds); they go to
-other names (``*-tiny``) so a tiny output is never mistaken for a real-size one.
+``scale="tiny"`` writes the demo's tiny shapes instead (a CPU smoke test of the command, seconds); ``scale="small"``
+a reduced-width SD1.5 (the shipped UNet and CLIP-text layouts at 2/5 of the UNet width, a 6-layer 512-wide text
+encoder, the tiny codec VAE: tasks/models/tiny.py small_configs), sized for the flow-vs-ε study on one GPU
+(pipeline_config/presets/ab-study.yaml). They go to other names (``*-tiny``, ``*-small``) so a reduced output is
+never mistaken for a real-size one.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from tasks.models.single_file import (
     make_tree_readable,
     read_metadata,
 )
-from tasks.models.tiny import build_tiny_models, tiny_configs
+from tasks.models.tiny import build_tiny_models, small_configs, tiny_configs
 from tasks.tag.model import (
     CONFIG_NAME,
     LABELS_NAME,
@@ -46,9 +49,9 @@ from tasks.tag.model import (
 )
 from tasks.tag.tiny import LABELS_FILE, TINY_MODEL_ARGS, write_tagger_folder
 
-Scale = Literal["full", "tiny"]
+Scale = Literal["full", "small", "tiny"]
 KINDS = ("sd15", "tagger")
-SCALES: tuple[Scale, ...] = ("full", "tiny")
+SCALES: tuple[Scale, ...] = ("full", "small", "tiny")
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 SD15_NAME = "sd15-random"
@@ -58,6 +61,7 @@ TAGGER_MODEL_ARGS: dict[str, Any] = {"act_layer": "gelu_tanh", "img_size": 448, 
 SD15_COMPONENTS = ("unet", "vae", "text_encoder")
 # Safetensors metadata of the SD1.5 file: what built it, so a kept file can say when it differs from the ask.
 META_KIND, META_SEED, META_DTYPE = "booruflow.random", "booruflow.random_seed", "booruflow.random_dtype"
+META_CODEC = "booruflow.codec_vae"  # "true": the VAE is the hand-set codec (exact in fp32 only)
 
 Log = Callable[[str], None]
 
@@ -88,14 +92,24 @@ def output_name(kind: str, scale: Scale = "full") -> str:
 
 
 def sd15_configs(scale: Scale = "full") -> dict[str, dict[str, Any]]:
-    """The diffusers configs to build: the shipped SD1.5 ones (the shape every real checkpoint has) or tiny."""
+    """The diffusers configs to build: the shipped SD1.5 ones (the shape every real checkpoint has), small or tiny."""
     if scale == "tiny":
         return tiny_configs()
+    if scale == "small":
+        return small_configs()
     return {c: json.loads((SD15_CONFIG_DIR / c / "config.json").read_text()) for c in SD15_COMPONENTS}
 
 
 def tagger_model_args(scale: Scale = "full") -> dict[str, Any]:
-    return dict(TAGGER_MODEL_ARGS if scale == "full" else TINY_MODEL_ARGS)
+    return dict(TAGGER_MODEL_ARGS if scale == "full" else TINY_MODEL_ARGS)  # small: the tiny tagger's shape
+
+
+def codec_vae(scale: Scale) -> bool:
+    """Whether the scale's VAE is the hand-set codec (tiny_vae.py) rather than random weights: the small scale's,
+    so its latents and samples mean something (a random VAE's decode is the same grey for every input). The codec
+    is exact in fp32 only: in bf16 its latents are off by up to ~0.3 (its GroupNorm carries the colours next to a
+    constant of 1000), so encode with it in fp32 (tasks/study runs such a model's cache stage on the CPU)."""
+    return scale == "small"
 
 
 def _sizes(paths: Iterable[Path]) -> tuple[tuple[Path, int], ...]:
@@ -117,12 +131,13 @@ def _sd15_complete(path: Path) -> bool:
 
 def write_random_sd15(out_dir: Path, *, seed: int = 0, dtype: str = "fp16",
                       configs: dict[str, dict[str, Any]] | None = None, name: str | None = None,
-                      force: bool = False, log: Log = _quiet) -> RandomModel:
+                      force: bool = False, codec: bool = False, log: Log = _quiet) -> RandomModel:
     """A single-file SD1.5 checkpoint (LDM keys) with random weights, deterministic for ``seed``.
 
     ``configs`` (unet / vae / text_encoder diffusers configs) default to the shipped SD1.5 ones; then no
     configs are embedded, so the loader pairs the file with the shipped configs exactly as it does a real
-    checkpoint. Other shapes (tests, ``scale="tiny"``) embed theirs so they load too.
+    checkpoint. Other shapes (tests, ``scale="tiny"``) embed theirs so they load too. ``codec``: the VAE is the
+    hand-set codec of tasks/models/tiny_vae.py (needs the tiny VAE config).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -136,11 +151,12 @@ def write_random_sd15(out_dir: Path, *, seed: int = 0, dtype: str = "fp16",
         note = f"kept; it was built with {', '.join(differs)} (--force rebuilds)" if differs else ""
         return RandomModel("sd15", path, False, _sizes([path]), note)
     log(f"building SD1.5 UNet, VAE and CLIP text encoder with random weights (seed {seed}) ...")
-    unet, vae, text_encoder = build_tiny_models(seed, configs)
+    unet, vae, text_encoder = build_tiny_models(seed, configs, codec_vae=codec)
     log(f"writing {path} ({dtype}) ...")
     # export_single_file writes a temp file and renames it: a kill never leaves a partial checkpoint.
     export_single_file(unet, vae, text_encoder, path, dtype=DTYPES[dtype], embed_configs=configs != shipped,
-                       metadata={META_KIND: "sd15", META_SEED: str(seed), META_DTYPE: dtype})
+                       metadata={META_KIND: "sd15", META_SEED: str(seed), META_DTYPE: dtype,
+                                 **({META_CODEC: "true"} if codec else {})})
     return RandomModel("sd15", path, True, _sizes([path]))
 
 
@@ -204,7 +220,8 @@ def write_random_models(out_dir: Path, *, only: str | None = None, seed: int = 0
     results = []
     if only in (None, "sd15"):
         results.append(write_random_sd15(out_dir, seed=seed, dtype=dtype, configs=sd15_configs(scale),
-                                         name=output_name("sd15", scale), force=force, log=log))
+                                         name=output_name("sd15", scale), force=force, codec=codec_vae(scale),
+                                         log=log))
     if only in (None, "tagger"):
         results.append(write_random_tagger(out_dir, seed=seed, model_args=tagger_model_args(scale), onnx=onnx,
                                            name=output_name("tagger", scale), force=force, log=log))

@@ -87,6 +87,29 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
+# The "small" scale (`fm models random --scale small`, the ab-study preset): SD1.5's own UNet and CLIP-text layouts
+# (4 levels, CrossAttn x3 + plain, 2 layers a block, 8 heads; CLIP skip 2 meaningful) at reduced width, and the tiny
+# codec VAE (an 8x AutoencoderKL whose latents are block means: cheap, and samples that can be judged by eye).
+# UNet width 2/5 of SD1.5's (128..512 channels): ~1/6 of its parameters and FLOPs at a latent size; text encoder
+# 512 wide, 6 layers (the real vocabulary and tokenizer). Sizes chosen for tasks/study: see
+# pipeline_config/presets/ab-study.yaml.
+SMALL_UNET_OVERRIDES: dict[str, Any] = {"block_out_channels": [128, 256, 512, 512], "cross_attention_dim": 512,
+                                        "sample_size": 32}
+SMALL_TEXT_OVERRIDES: dict[str, Any] = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                                        "num_hidden_layers": 6, "projection_dim": 512}
+_SHIPPED_ONLY = ("_diffusers_version", "_name_or_path", "torch_dtype", "transformers_version")
+
+
+def small_configs() -> dict[str, dict[str, Any]]:
+    """The small scale's configs: the shipped SD1.5 UNet and text encoder at reduced width + the tiny VAE."""
+    def shipped(component: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        cfg = json.loads((SD15_CONFIG_DIR / component / "config.json").read_text())
+        return {**{k: v for k, v in cfg.items() if k not in _SHIPPED_ONLY}, **copy.deepcopy(overrides)}
+
+    return {"unet": shipped("unet", SMALL_UNET_OVERRIDES), "vae": copy.deepcopy(TINY_VAE_CONFIG),
+            "text_encoder": shipped("text_encoder", SMALL_TEXT_OVERRIDES)}
+
+
 def tiny_configs(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The tiny configs, with per-component overrides (``unet={...}``) for tests of other shapes."""
     cfgs = {"unet": copy.deepcopy(TINY_UNET_CONFIG), "vae": copy.deepcopy(TINY_VAE_CONFIG),
@@ -96,17 +119,19 @@ def tiny_configs(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return cfgs
 
 
-def build_tiny_models(seed: int, configs: dict[str, dict[str, Any]] | None = None):
-    """Randomly initialised (unet, vae, text_encoder), deterministic for a given seed (fp32, CPU)."""
+def build_tiny_models(seed: int, configs: dict[str, dict[str, Any]] | None = None, codec_vae: bool | None = None):
+    """Randomly initialised (unet, vae, text_encoder), deterministic for a given seed (fp32, CPU). codec_vae: set
+    the VAE to the hand-set codec (tiny_vae.py; needs the tiny VAE config); None = only for the builtin."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfgs = configs or tiny_configs()
+    codec = configs is None if codec_vae is None else codec_vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(cfgs["unet"])
         vae = AutoencoderKL.from_config(cfgs["vae"])
-        if configs is None:  # the builtin: a VAE that really encodes and decodes (tiny_vae.py)
+        if codec:  # a VAE that really encodes and decodes (tiny_vae.py)
             from tasks.models.tiny_vae import set_codec_weights
 
             set_codec_weights(vae)
