@@ -48,6 +48,16 @@ def quiet_third_party_output() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
 
 
+def prefect_defaults() -> None:
+    """Defaults for the Prefect that `fm` starts or talks to; an exported value wins.
+
+    A run without PREFECT_API_URL starts a temporary server whose first start creates and migrates a new
+    database: Prefect waits 20 s for it, which a loaded 2-core machine does not always meet (the run then
+    fails before any stage starts). 120 s costs nothing when the server is quick."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def run_preflight(cfg, stages: list[str]) -> bool:
     """`fm check`'s checks before a run starts anything; False (after printing why) on an error.
 
@@ -81,7 +91,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_preflight and not run_preflight(cfg, stages):
         return 2
     quiet_third_party_output()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["BOORUFLOW_CLI_PROGRESS"] = "1"  # rich progress bars for in-process runs on a terminal
     from flows.fm import fm
 
@@ -229,7 +238,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         api_url = os.environ.get("PREFECT_API_URL") or api_url_for(DEFAULT_PORT)
     files_port = args.files_port or cfg.runtime.file_server.port
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     quiet_third_party_output()
     _unwind_on_signals()
     proc, files = None, None
@@ -690,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefect_defaults()  # before anything imports Prefect: its settings are read once
     try:
         return args.func(args)
     except BooruflowError as exc:

@@ -10,7 +10,6 @@ inline), `fm-ab-study-concepts` (the per-concept table) and `fm-ab-study-folder`
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -127,8 +126,7 @@ def study_main(config: str, overrides: Sequence[str], write_doc: bool = False, p
     ensure_random_model(cfg, lambda line: print(line, file=sys.stderr))  # before the preflight looks for it
     if preflight and not run_preflight(cfg, STUDY_STAGES):
         return 2
-    quiet_third_party_output()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quiet_third_party_output()  # `fm study` set Prefect's defaults before Prefect was imported (flows/cli.py)
     out = ab_study(config=config, overrides=list(overrides), write_doc=write_doc)
     print(f"study: {out['folder']}/{REPORT_NAME} ({'reused' if out['cached'] else 'written'}; "
           f"{sum(r['cached'] for r in out['runs'])} of {len(out['runs'])} stage runs reused)")
