@@ -16,6 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from data_contracts.bucket import BUCKETS_SCHEMA, BucketManifest
+from data_contracts.cache import CacheManifest
 from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
 from data_contracts.quality import QUALITY_LABELS, QUALITY_SCHEMA, QualityManifest
 from data_contracts.store import ArtifactStore
@@ -140,7 +141,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def make_cache(store: ArtifactStore, sizes: dict[tuple[int, int], int], *, rows_per_chunk: int = 10,
-               rows_per_group: int = 4, store_std: bool = True, fingerprint: str = "cachetest") -> "CacheManifest":
+               rows_per_group: int = 4, store_std: bool = True, fingerprint: str = "cachetest") -> CacheManifest:
     """A cache output written with the stage's own chunk writer, without a VAE: latent values encode the
     sample id (mean = id, std = id / 1000 in every cell) so tests can check rows and shapes."""
     from data_contracts.cache import SEGMENTS, CacheManifest

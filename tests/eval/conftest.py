@@ -12,6 +12,8 @@ checkpoint choices, no code path differs from a real run):
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,17 +116,55 @@ def calibrated_tiny(cfg, store, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, eval_registered):
-    """(root, store, cfg) after ingest..train on the calibrated tiny model."""
+def _build_chain(root: Path) -> Path:
+    """ingest..cache under root (data, local, cache) on the calibrated tiny model; returns the model file."""
     from data_contracts.store import ArtifactStore
 
-    root = tmp_path_factory.mktemp("eval-chain")
     cfg = make_config(root)
     store = ArtifactStore(cfg.data_root, local_cache=root / "local")
     run("ingest", cfg, store)
     model = calibrated_tiny(cfg, store, root / "tiny-calibrated.safetensors")
     cfg = make_config(root, cache={"model": str(model)}, train={"model": str(model)})
-    for stage in ("dedup", "tag", "quality", "bucket", "cache", "train"):
+    for stage in ("dedup", "tag", "quality", "bucket", "cache"):
         run(stage, cfg, store)
+    return model
+
+
+@pytest.fixture(scope="session")
+def cached_chain(tmp_path_factory, eval_registered):
+    """(root, store, cfg) after ingest..cache on the calibrated tiny model: what every training here reads.
+
+    Built once per test run. Under xdist the first worker that needs it builds it in the run's common temp
+    folder (under a file lock; another worker waits for it) and each worker gets its own copy of the data,
+    local cache and model cache (its tests write train and eval outputs into the chain); the calibrated model
+    file stays where it was built, read-only (its path is part of the cache and train fingerprints)."""
+    from data_contracts.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("eval-chain")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        model = _build_chain(root)
+    else:
+        from filelock import FileLock
+
+        shared = tmp_path_factory.getbasetemp().parent / "eval-chain-shared"  # this run's, every worker's
+        with FileLock(f"{shared}.lock"):
+            if not (shared / "complete").is_file():
+                shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+                _build_chain(shared)
+                (shared / "complete").touch()
+        for sub in ("data", "local", "cache"):
+            if (shared / sub).exists():
+                shutil.copytree(shared / sub, root / sub)
+        model = shared / "tiny-calibrated.safetensors"
+    cfg = make_config(root, cache={"model": str(model)}, train={"model": str(model)})
+    store = ArtifactStore(cfg.data_root, local_cache=root / "local")
+    assert store.current("cache") is not None
+    return root, store, cfg
+
+
+@pytest.fixture(scope="session")
+def trained(cached_chain):
+    """(root, store, cfg) after ingest..train on the calibrated tiny model."""
+    root, store, cfg = cached_chain
+    run("train", cfg, store)
     return root, store, cfg

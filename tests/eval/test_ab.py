@@ -1,4 +1,6 @@
 """A/B: flow vs DDPM ε on the same cache and step budget, evaluated the same way."""
+import shutil
+
 import pytest
 
 from data_contracts.errors import ConfigError
@@ -19,13 +21,36 @@ def test_ab_configs_differ_only_in_the_objective(tmp_path):
         ab_configs(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": None})}))
 
 
+AB_STEPS = 20  # the A/B's own step budget: the comparison needs equal budgets, not good models
+
+
+@pytest.fixture
+def ab_chain(cached_chain, tmp_path):
+    """(store, cfg) on a private copy of the eval chain's data root: run_ab moves the current train output,
+    which the eval tests on the shared chain read. The A/B trains AB_STEPS steps per objective and evaluates
+    the characters with 2 images each (the model path stays the chain's: the cache output is reused)."""
+    from data_contracts.store import ArtifactStore
+
+    root, _, chain = cached_chain
+    for sub in ("data", "local", "cache"):
+        if (root / sub).exists():
+            shutil.copytree(root / sub, tmp_path / sub)
+    cfg = make_config(tmp_path, cache={"model": chain.cache.model},
+                      train={"model": chain.train.model, "max_steps": AB_STEPS},
+                      eval={"kinds": ["character"], "images_per_concept": 2, "batch_size": 2})
+    store = ArtifactStore(cfg.data_root, local_cache=tmp_path / "local")
+    assert store.current("cache") is not None
+    return store, cfg
+
+
 @pytest.mark.slow
-def test_ab_trains_both_objectives_and_evaluates_them_alike(trained):
-    _, store, cfg = trained
+def test_ab_trains_both_objectives_and_evaluates_them_alike(ab_chain):
+    store, cfg = ab_chain
     out = run_ab(cfg, store, lambda stage, c: run(stage, c, store))
     flow, ddpm = out["train"]["flow"].manifest, out["train"]["ddpm"].manifest
+    assert not out["train"]["flow"].cached and not out["train"]["ddpm"].cached
     assert flow.steps == ddpm.steps == cfg.train.max_steps
-    assert flow.upstream == ddpm.upstream  # the same cache output: same data
+    assert flow.upstream == ddpm.upstream == {"cache": store.current("cache")}  # the same cache output: same data
     m = out["eval"].manifest
     by_run = {c.run: c for c in m.checkpoints}
     assert {c.id for c in m.checkpoints} >= {"base-flow", "base-ddpm"}

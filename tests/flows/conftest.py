@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,22 +55,31 @@ def prefect_env(tmp_path_factory) -> dict[str, str]:
     _stop(proc)
 
 
+def deployment_registered(api_url: str, name: str) -> bool:
+    """Whether the server knows deployment `flow/deployment` (one HTTP request: `prefect deployment ls`
+    costs a Python start with Prefect's imports every poll)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/deployments/name/{name}", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 @pytest.fixture(scope="session")
 def fm_serve(prefect_env) -> dict[str, str]:
     """`fm serve` in the background; waits until fm/full is registered."""
     log_path = Path(prefect_env["PREFECT_HOME"]) / "serve.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", "demo"], env=prefect_env,
+    # The runner looks for scheduled runs (and cancellations) every PREFECT_RUNNER_POLL_FREQUENCY seconds,
+    # 10 by default: each deployment run here would wait ~5 s for nothing.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", "demo"],
+                            env=dict(prefect_env, PREFECT_RUNNER_POLL_FREQUENCY="1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     deadline = time.monotonic() + 120
-    while True:
-        out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=prefect_env,
-                             capture_output=True, text=True, cwd=ROOT)
-        if "fm/full" in out.stdout:
-            break
+    while not deployment_registered(prefect_env["PREFECT_API_URL"], "fm/full"):
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop(proc)
             pytest.fail(f"fm serve did not register deployments: {log_path.read_text()[-3000:]}")
-        time.sleep(1)
+        time.sleep(0.5)
     yield prefect_env
     _stop(proc)

@@ -59,7 +59,12 @@ def read_run(env: dict[str, str], flow_run_id) -> tuple[dict[str, object], list[
 
 async def _read_run(flow_run_id):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     async with get_client() as client:
         arts = await client.read_artifacts(
@@ -79,8 +84,10 @@ def demo_params(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("demo-root")
     # The demo preset, made smaller so four pipeline runs fit the test budget (same stages, same code).
     # One phase here (the README test runs the demo's two through fm up; tests/train/test_phases.py the chaining).
-    small = ["train.phases=[]", "ingest.embedded.posts=90", "ingest.embedded.max_side=384", "train.max_steps=12",
-             "train.checkpoint_every=6", "train.sampling.every=12", "train.validation.every=6",
+    # 4 steps still checkpoint (every 2), validate (every 2), log (every 2) and sample (at the end, 4 steps).
+    small = ["train.phases=[]", "ingest.embedded.posts=90", "ingest.embedded.max_side=384", "train.max_steps=4",
+             "train.checkpoint_every=2", "train.sampling.every=4", "train.sampling.steps=4",
+             "train.validation.every=2", "train.logging.every=2",
              "eval.min_samples=3", "eval.max_concepts=2", "eval.images_per_concept=2", "eval.steps=4"]
     return {"config": "demo", "overrides": [f"data_root={root}", *small]}
 

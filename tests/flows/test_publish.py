@@ -18,7 +18,13 @@ import pytest
 from PIL import Image
 
 from data_contracts.bucket import BucketManifest
-from flows.publish import REPORT_MAX_BYTES, REPORT_TABLE_ROWS, THUMB_WIDTH, markdown_table, report_markdown
+from flows.publish import (
+    REPORT_MAX_BYTES,
+    REPORT_TABLE_ROWS,
+    THUMB_WIDTH,
+    markdown_table,
+    report_markdown,
+)
 from tasks.common.stage import StageOutcome, StageReport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,17 +102,22 @@ def test_a_missing_picture_is_a_note_not_a_failure(tmp_path):
 FM = r"""
 import json, sys
 from flows.fm import fm
-args = json.loads(sys.argv[1])
-state = fm(config="demo", stages=args["stages"], overrides=args["overrides"], return_state=True)
-print("RUN=" + json.dumps({"id": str(state.state_details.flow_run_id), "completed": state.is_completed()}))
+for args in json.loads(sys.argv[1]):
+    state = fm(config="demo", stages=args["stages"], overrides=args["overrides"], return_state=True)
+    print("RUN=" + json.dumps({"id": str(state.state_details.flow_run_id), "completed": state.is_completed()}),
+          flush=True)
 """
 
 
-def run_fm(env: dict[str, str], stages: list[str], overrides: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FM, json.dumps({"stages": stages, "overrides": overrides})],
+def run_fm(env: dict[str, str], runs: list[tuple[list[str], list[str]]]) -> list[dict]:
+    """`fm(...)` for each (stages, overrides), one after the other in one fresh Python process (Prefect and the
+    stages imported once) against the server in env; each run's flow run id and whether it completed."""
+    args = [{"stages": stages, "overrides": overrides} for stages, overrides in runs]
+    proc = subprocess.run([sys.executable, "-c", FM, json.dumps(args)],
                           env=dict(env, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert "RUN=" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("RUN=")[-1])
+    found = [json.loads(line.split("RUN=", 1)[1]) for line in proc.stdout.splitlines() if "RUN=" in line]
+    assert len(found) == len(runs), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return found
 
 
 def run_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict]:
@@ -123,7 +134,9 @@ def test_a_run_publishes_one_report_per_stage_and_progress_that_finishes(prefect
     api_url = prefect_env["PREFECT_API_URL"]
     overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
                  "ingest.embedded.posts=60", "ingest.embedded.max_side=384", "tag.shard_size=16"]
-    run = run_fm(prefect_env, ["ingest", "dedup", "tag"], overrides)
+    # the stages, then tag again (complete output: cached), then bucket (its upstream, quality, was never built)
+    run, again, failed = run_fm(prefect_env, [(["ingest", "dedup", "tag"], overrides), (["tag"], overrides),
+                                              (["bucket"], overrides)])
     assert run["completed"]
     arts = run_artifacts(api_url, run["id"])
     for stage in ("ingest", "tag"):
@@ -139,11 +152,10 @@ def test_a_run_publishes_one_report_per_stage_and_progress_that_finishes(prefect
         assert len(report["data"].encode()) <= REPORT_MAX_BYTES
     assert DATA_URI.search(arts["fm-ingest-report"]["data"]), "the ingest contact sheets are not inline"
 
-    again = run_fm(prefect_env, ["tag"], overrides)  # complete output: cached, still 100 %
+    assert again["completed"]  # complete output: cached, still 100 %
     progress = run_artifacts(api_url, again["id"])["fm-tag-progress"]
     assert progress["data"] == 100.0 and "cached" in progress["description"]
 
-    failed = run_fm(prefect_env, ["bucket"], overrides)  # its upstream (quality) was never built
-    assert not failed["completed"]
+    assert not failed["completed"]  # its upstream (quality) was never built
     progress = run_artifacts(api_url, failed["id"])["fm-bucket-progress"]
     assert "failed" in progress["description"] and "quality" in progress["description"], progress

@@ -13,9 +13,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_api():
-    """A temporary Prefect API and database for flows run in this process (and their Dask workers)."""
+    """A temporary Prefect API and database for flows run in this process (and their Dask and Ray workers).
+
+    One per test process (its start costs ~10 s of CPU), shared by the modules here that need one: their
+    tests read back only their own flow and task runs, and test_gpu_limit.py removes the GPU limit it makes."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

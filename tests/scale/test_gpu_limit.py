@@ -65,6 +65,15 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("gpu-limit")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_gpu_limit_left(prefect_api):
+    """The Prefect API is shared with other modules (tests/scale/conftest.py): none of them may find this
+    module's GPU limit, and this module starts without one."""
+    _delete_gpu_limit()
+    yield
+    _delete_gpu_limit()
+
+
 @pytest.fixture
 def on_gpu(monkeypatch):
     """The tag stage counts as a GPU stage whatever this machine has (its tagger runs where torch can)."""
@@ -117,6 +126,16 @@ def _client():
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
+
+
+def _delete_gpu_limit() -> None:
+    from prefect.exceptions import ObjectNotFound
+
+    with _client() as client:
+        try:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            pass
 
 
 def _active_slots() -> int | None:
@@ -188,6 +207,9 @@ def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api,
     from prefect.concurrency.sync import concurrency
 
     assert {"tag", "cache", "train", "eval"} <= GPU_STAGES and "ingest" not in GPU_STAGES
+    with _client() as client:  # the shared API may hold other modules' tag task runs: only new ones count
+        tag_runs = TaskRunFilter(name=TaskRunFilterName(any_=["tag"]))
+        before = {r.id for r in client.read_task_runs(task_run_filter=tag_runs)}
     asyncio.run(ensure_gpu_limit(1))
     assert _active_slots() == 0
     with ThreadPoolExecutor(2) as pool:  # flows in threads: a bug that blocks fails a timeout, not the session
@@ -198,8 +220,8 @@ def test_gpu_stage_waits_for_the_slot_and_other_stages_do_not(root, prefect_api,
             time.sleep(4.0)
             assert not waiting.done()
             with _client() as client:  # not even the prepare task started
-                started = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["tag"])))
-            assert started == []
+                started = client.read_task_runs(task_run_filter=tag_runs)
+            assert [r for r in started if r.id not in before] == []
             assert _active_slots() == 1
         # our slot is released: the waiting run takes it and finishes
         state = waiting.result(timeout=120)

@@ -14,15 +14,25 @@ from data_contracts.manifest import MANIFEST_NAME
 from data_contracts.quality import QualityManifest
 from data_contracts.store import ArtifactStore, remote_pool
 from pipeline_config.load import load_config
-from tasks.common.stage import finish_stage, plan_shards, prepare_stage, reopen_stage, run_stage
+from tasks.common.stage import (
+    finish_stage,
+    plan_shards,
+    prepare_stage,
+    reopen_stage,
+    run_stage,
+)
 from tasks.registry import stage_spec
 
 STAGES = ["ingest", "dedup", "tag", "quality", "bucket"]
+# ~96 posts: ~70 pass the demo's filters, ~60 reach tag (3 shards of 30). Every image crosses the S3 API
+# (moto on loopback) several times, so the mini-booru is kept this small; the mini-booru is generated once
+# per size (runtime.cache_dir).
+SMALL = {"ingest.embedded.posts": 96, "tag.shard_size": 30}
 
 
 def _cfg(tmp_path, endpoint: str, bucket: str, **extra):
     overrides = {"data_root": f"s3://{bucket}/runs/demo", "runtime.cache_dir": str(tmp_path / "cache"),
-                 "runtime.storage_options": {"endpoint_url": endpoint}, "tag.shard_size": 100, **extra}
+                 "runtime.storage_options": {"endpoint_url": endpoint}, **SMALL, **extra}
     return load_config("demo", overrides)
 
 
@@ -162,8 +172,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     holds a killed attempt's same-size leftover of that chunk. The output has the third machine's bytes
     under the sha256 its journal gives."""
     fs, bucket = s3_env
-    small = {"ingest.embedded.posts": 120}  # the mini-booru is generated once per size (runtime.cache_dir)
-    cfg = _cfg(tmp_path, s3_endpoint, bucket, **small, **{"runtime.task_runner": "dask", "ingest.shard_posts": 48})
+    cfg = _cfg(tmp_path, s3_endpoint, bucket, **{"runtime.task_runner": "dask", "ingest.shard_posts": 48})
     store = ArtifactStore.for_config(cfg)
     worker = ArtifactStore(cfg.data_root, tmp_path / "worker-cache", cfg.runtime.storage_options)
     root = f"{bucket}/runs/demo"
@@ -218,7 +227,7 @@ def test_ingest_and_cache_shards_run_by_another_machine_over_s3(tmp_path, s3_end
     store.work_get = real_work_get
 
     local_cfg = load_config("demo", {"data_root": str(tmp_path / "local"), "runtime.cache_dir": str(tmp_path / "cache"),
-                                     "tag.shard_size": 100, **small})
+                                     **SMALL})
     local = ArtifactStore.for_config(local_cfg)
     ref = {s: run_stage(stage_spec(s), local_cfg, local).manifest for s in ("ingest", "dedup", "tag", "quality", "bucket",
                                                                             "cache")}

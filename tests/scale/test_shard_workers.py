@@ -32,10 +32,13 @@ from tasks.ingest import stage as ingest_stage
 from tasks.registry import stage_spec
 from tasks.tag import stage as tag_stage
 
+# 64 posts: 43 pass the demo's filters (dedup off: tag sees all 43), 4 tag shards of 11. Each test starts
+# tagger processes of its own (seconds each); the mini-booru is only what gets the shards planned.
+SMALL = ["ingest.embedded.posts=64", "tag.shard_size=11", "dedup.enabled=false"]
+
 
 def _cfg(root, *extra: str):
-    return load_config("demo", [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}",
-                                "ingest.embedded.posts=160", "tag.shard_size=40", "dedup.enabled=false", *extra])
+    return load_config("demo", [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}", *SMALL, *extra])
 
 
 def _tags(store: ArtifactStore) -> tuple[str, bytes]:
@@ -148,16 +151,15 @@ def test_worker_failure_is_a_clear_error_and_the_rerun_resumes(tmp_path):
 
 def test_flow_runs_one_task_per_device_worker(tmp_path, prefect_api):
     from flows.fm import fm
-    from tests.scale.test_sharded import _task_run_names
+    from tests.scale.sharded_helpers import task_run_names
 
-    overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}",
-                 "ingest.embedded.posts=160", "tag.shard_size=40", "tag.processes=2", "dedup.enabled=false"]
+    overrides = [f"data_root={tmp_path / 'data'}", f"runtime.cache_dir={tmp_path / 'cache'}", *SMALL, "tag.processes=2"]
     state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     _, _, tag = state.result()
     assert len(tag["shards"]) == 4 and [s["index"] for s in tag["shards"]] == [0, 1, 2, 3]
     assert 1 <= len({s["worker"] for s in tag["shards"]}) <= 2  # the flow's own process and/or one worker
-    names = _task_run_names(state.state_details.flow_run_id, expected=5)
+    names = task_run_names(state.state_details.flow_run_id, expected=5)
     assert {"tag-cpu-0", "tag-cpu-1", "tag-merge"} <= set(names), names
     assert not any(n.startswith("tag-shard-") for n in names)
 

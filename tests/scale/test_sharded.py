@@ -1,9 +1,13 @@
 """A sharded stage gives the same contract whatever runs its shards: a local Dask cluster of 2 worker
-processes, Prefect's thread pool, or run_stage in this process (real flow, real Prefect API, real ONNX)."""
+processes, Prefect's thread pool, or run_stage in this process (real flow, real Prefect API, real ONNX).
+
+The Dask cluster is the one the flow's runner would start (`make_task_runner`'s LocalCluster arguments:
+2 single-threaded worker processes that report to this process's Prefect API), started once and given to
+the flow as `runtime.runner_address`: its workers import torch, the tagger and the VAE once for ingest, tag
+and cache instead of once per stage (10-25 s of CPU per worker process and stage on this 2-core machine)."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -23,59 +27,52 @@ from tasks.common.stage import (
 from tasks.ingest import stage as ingest_stage
 from tasks.registry import stage_spec
 from tasks.tag import stage as tag_stage
+from tests.scale.sharded_helpers import TAG_SHARD, tags_bytes, task_run_names
+from tests.scale.sharded_helpers import overrides as _overrides
 
 
-def _overrides(root, runner: str) -> list[str]:
-    return [f"data_root={root / 'data'}", f"runtime.cache_dir={root / 'cache'}", "tag.shard_size=64",
-            "ingest.shard_posts=128", f"runtime.task_runner={runner}", "runtime.max_workers=2",
-            "train.phases=[]"]  # one bucket and cache: what these tests compare across runners
-
-
-def _task_run_names(flow_run_id, expected: int, timeout_s: float = 20.0) -> list[str]:
-    """Names of the flow run's task runs (task run states reach the API a moment after the flow ends)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            done = [r.name for r in runs if r.state is not None and r.state.is_completed()]
-            if len(done) >= expected or time.monotonic() > deadline:
-                return sorted(done)
-            time.sleep(0.5)
-
-
-def _tags_bytes(store: ArtifactStore) -> tuple[str, bytes]:
-    manifest = store.read_manifest(TagManifest)
-    return manifest.fingerprint, store.path(manifest, "tags.parquet", verify=True).read_bytes()
-
-
-def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path, prefect_api, monkeypatch):
+@pytest.fixture(scope="module")
+def dask_address(prefect_api):
+    """The scheduler address of a local Dask cluster started with the flow's own runner arguments."""
     pytest.importorskip("prefect_dask", reason="the Dask runner needs prefect-dask: pip install 'booruflow[dask]'")
+    from distributed import LocalCluster
+
+    from flows.fm import make_task_runner
+
+    runner = make_task_runner(load_config("demo", ["runtime.task_runner=dask", "runtime.max_workers=2"]))
+    kwargs = runner.cluster_kwargs
+    assert runner.cluster_class is None  # prefect-dask starts a distributed.LocalCluster(**cluster_kwargs)
+    assert kwargs["n_workers"] == 2 and kwargs["threads_per_worker"] == 1 and kwargs["processes"] is True
+    assert kwargs["env"]["PREFECT_API_URL"].startswith("http://")  # the workers report to this flow's API
+    with LocalCluster(**kwargs) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path, prefect_api, dask_address,
+                                                                       monkeypatch):
     from flows.fm import fm
 
     state = fm(config="demo", stages=["ingest", "dedup", "tag", "quality", "bucket", "cache"],
-               overrides=_overrides(tmp_path, "dask"), return_state=True)
+               overrides=_overrides(tmp_path, "dask", f"runtime.runner_address={dask_address}"), return_state=True)
     assert state.is_completed(), state.message
     ingest, dedup, tag, _, _, cache = state.result()
     assert ingest["stage"] == "ingest" and tag["stage"] == "tag" and not tag["cached"]
     n_posts = ingest["row_counts"]["posts"]
     n_kept = dedup["row_counts"]["dedup"] - dedup["row_counts"]["rejects"]  # what tag sees
-    n_shards = -(-n_kept // 64)
+    n_shards = -(-n_kept // TAG_SHARD)
     assert n_shards >= 3 and len(tag["shards"]) == n_shards
     # The shards ran in the Dask worker processes, not here, and reported to this flow run.
     workers = {s["worker"] for s in tag["shards"]}
     assert all(not w.endswith(f":{os.getpid()}") for w in workers), workers
     assert 1 <= len(workers) <= 2
-    # Ingest crawled here, then downloaded in shards of 128 posts on the Dask workers.
+    # Ingest crawled here, then downloaded in shards (ingest.shard_posts) on the Dask workers.
     n_ingest = len(ingest["shards"])
     assert n_ingest >= 2 and sum(s["posts"] for s in ingest["shards"]) >= n_posts
     assert all(not s["worker"].endswith(f":{os.getpid()}") for s in ingest["shards"])
     # Cache: one shard per chunk, encoded on the Dask workers, merged here.
     assert len(cache["shards"]) >= 2 and all(not s["worker"].endswith(f":{os.getpid()}") for s in cache["shards"])
     n_cache = len(cache["shards"])
-    names = _task_run_names(state.state_details.flow_run_id, expected=n_shards + n_ingest + n_cache + 8)
+    names = task_run_names(state.state_details.flow_run_id, expected=n_shards + n_ingest + n_cache + 8)
     assert [n for n in names if n.startswith("tag-shard-")] == sorted(f"tag-shard-{i}" for i in range(n_shards))
     assert [n for n in names if n.startswith("ingest-shard-")] == sorted(f"ingest-shard-{i}" for i in range(n_ingest))
     assert "tag-merge" in names and "ingest-merge" in names and "cache-merge" in names
@@ -83,7 +80,7 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
 
     cfg = load_config("demo", _overrides(tmp_path, "thread"))
     store = ArtifactStore.for_config(cfg)
-    fp, on_dask = _tags_bytes(store)
+    fp, on_dask = tags_bytes(store)
     manifest = store.read_manifest(TagManifest)
     assert manifest.row_counts["tags"] + manifest.row_counts["rejects"] == n_kept
     assert {"visuals/tag-added.png"} <= {f.path for f in manifest.files}  # report pictures committed
@@ -102,7 +99,7 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     assert [store.path(ingest_manifest, name, verify=True).read_bytes()
             for name in ("posts.parquet", "rejects.parquet")] == ingest_tables
     assert all(s["worker"].endswith(f":{os.getpid()}") for s in tag_t["shards"])  # threads of this process
-    fp_t, on_threads = _tags_bytes(store)
+    fp_t, on_threads = tags_bytes(store)
     assert fp_t == fp and on_threads == on_dask
 
     # In process, shards in order; a picture failure must not fail the stage.
@@ -113,7 +110,7 @@ def test_tag_shards_on_dask_threads_and_in_process_give_the_same_bytes(tmp_path,
     out = run_stage(tag_stage.SPEC, cfg, store, force=True)
     assert not out.cached and out.report.images == {}
     assert not any(f.path.startswith("visuals/") for f in out.manifest.files)
-    fp_r, in_process = _tags_bytes(store)
+    fp_r, in_process = tags_bytes(store)
     assert fp_r == fp and in_process == on_dask
 
     # Cache in this process (one task, no shards) writes the chunks the Dask workers wrote.
@@ -146,58 +143,3 @@ def test_killed_merge_resumes_from_shards_published_by_workers(tmp_path):
     merged = store.path(out.manifest, "tags.parquet").read_bytes()
     again = run_stage(tag_stage.SPEC, cfg, store, force=True)
     assert store.path(again.manifest, "tags.parquet").read_bytes() == merged
-
-
-def test_tag_shards_on_ray_give_the_same_bytes(tmp_path, prefect_api):
-    """The same flow on a local Ray cluster (runs where prefect-ray is installed: pip install 'booruflow[ray]')."""
-    pytest.importorskip("prefect_ray", reason="the Ray runner needs prefect-ray: pip install 'booruflow[ray]'")
-    from flows.fm import fm
-
-    state = fm(config="demo", stages=["ingest", "dedup", "tag"], overrides=_overrides(tmp_path, "ray"), return_state=True)
-    assert state.is_completed(), state.message
-    _, _, tag = state.result()
-    assert tag["shards"] and all(not s["worker"].endswith(f":{os.getpid()}") for s in tag["shards"])
-    cfg = load_config("demo", _overrides(tmp_path, "ray"))
-    store = ArtifactStore.for_config(cfg)
-    fp, on_ray = _tags_bytes(store)
-    out = run_stage(tag_stage.SPEC, cfg, store, force=True)
-    assert out.manifest.fingerprint == fp and _tags_bytes(store)[1] == on_ray
-
-
-def test_ray_gives_each_gpu_shard_task_one_gpu_and_cpu_stages_none(prefect_api):
-    """Ray schedules by declared resources: a local cluster declaring 2 GPUs (none needed to schedule) runs
-    a cuda tag stage's (or cache's, under runtime.device cuda) shard tasks one GPU each, pinned by Ray through
-    CUDA_VISIBLE_DEVICES."""
-    pytest.importorskip("prefect_ray", reason="the Ray runner needs prefect-ray: pip install 'booruflow[ray]'")
-    from prefect import flow, task
-    from prefect_ray import RayTaskRunner
-
-    from flows.fm import _ray_gpu_options
-
-    @task
-    def placement() -> tuple[list, str | None]:
-        import ray
-
-        return [str(g) for g in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")
-
-    cases = [("tag", "cuda", "auto"), ("ingest", "cuda", "auto"), ("tag", "cpu", "auto"),
-             ("cache", "cpu", "cuda"), ("cache", "cuda", "cpu")]
-
-    @flow(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "num_gpus": 2}))
-    def probe() -> list:  # one Ray cluster for every case (each start costs seconds)
-        results = []
-        for stage, device, runtime_device in cases:
-            cfg = load_config("demo", ["runtime.task_runner=ray", f"tag.device={device}",
-                                       f"runtime.device={runtime_device}"])
-            with _ray_gpu_options(stage, cfg):
-                futures = [placement.submit() for _ in range(4 if stage == "tag" and device == "cuda" else 2)]
-            results.append([f.result() for f in futures])
-        return results
-
-    on_gpus, ingest, tag_cpu, cache_cuda, cache_cpu = probe()
-    assert all(len(ids) == 1 and ids[0] in {"0", "1"} and visible == ids[0] for ids, visible in on_gpus), on_gpus
-    assert all(ids == [] for ids, _ in ingest)  # not a GPU stage
-    assert all(ids == [] for ids, _ in tag_cpu)  # a GPU stage on the CPU
-    # Cache has no device of its own: runtime.device decides.
-    assert all(len(ids) == 1 and visible == ids[0] for ids, visible in cache_cuda), cache_cuda
-    assert all(ids == [] for ids, _ in cache_cpu)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.tag.conftest import REAL_CSV
 

@@ -74,10 +74,12 @@ def test_the_plan_runs_what_a_selected_stage_needs():
 
 
 def test_two_phases_chain_on_the_demo_booru(tmp_path):
-    cfg = _cfg(extra={"data_root": str(tmp_path / "data"), "runtime.cache_dir": str(tmp_path / "cache"),
-                      "ingest.embedded.posts": 60, "ingest.embedded.max_side": 384, "train.max_steps": 4,
-                      "train.checkpoint_every": 100, "train.sampling.every": 0, "train.sampling.prompts": [],
-                      "train.validation.every": 0, "train.export_diffusers": False})
+    # one optimiser step per phase (a step at 320² costs about a second here): what chains is the export
+    one_step = [TWO[0], {**TWO[1], "overrides": {**TWO[1]["overrides"], "train.max_steps": 1}}]
+    cfg = _cfg(one_step, extra={"data_root": str(tmp_path / "data"), "runtime.cache_dir": str(tmp_path / "cache"),
+                                "ingest.embedded.posts": 60, "ingest.embedded.max_side": 384, "train.max_steps": 1,
+                                "train.checkpoint_every": 100, "train.sampling.every": 0, "train.sampling.prompts": [],
+                                "train.validation.every": 0, "train.export_diffusers": False})
     store = ArtifactStore.for_config(cfg)
     for stage in ("ingest", "dedup", "tag", "quality"):
         run_stage(stage_spec(stage), cfg, store)
