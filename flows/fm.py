@@ -514,7 +514,6 @@ def _run_one(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         progress.failed(exc)
         raise
     progress.done(bool(info["cached"]))
-    note_newer_snapshots(stage, cfg, info, log)
     return info
 
 
@@ -568,19 +567,6 @@ UPDATE_OVERRIDE = "ingest.update.enabled=true"
 def run_overrides(overrides: list[str] | None, update: bool) -> list[str]:
     """The overrides of a run; `update` (`fm run --update`, the deployments' `update`) turns ingest's update mode on."""
     return [*(overrides or []), UPDATE_OVERRIDE] if update else list(overrides or [])
-
-
-def note_newer_snapshots(stage: str, cfg: PipelineConfig, info: dict[str, Any], log) -> None:
-    """A run without --update uses the config's from-scratch crawl: say so when updates of it are newer."""
-    if stage != "ingest" or cfg.ingest.update.enabled or cfg.ingest.source != "danbooru_api":
-        return
-    from tasks.ingest.lineage import newest
-
-    latest = newest(_store(cfg), info["fingerprint"])
-    if latest is not None and latest.fingerprint != info["fingerprint"]:
-        log.warning("ingest: this run uses the from-scratch crawl %s of this config; its update %s (snapshot %s) is "
-                    "newer: run with --update (a deployment run: -p update=true) to extend that one instead",
-                    info["fingerprint"], latest.fingerprint, latest.snapshot().isoformat(timespec="seconds"))
 
 
 @flow(name="fm", log_prints=True)

@@ -32,6 +32,9 @@ class CacheConfig(Section):
     # Devices that take part (this process + one spawned process per further GPU); 0 = every visible GPU.
     # Which device writes a chunk does not change it, so this is left out of the fingerprint.
     gpus: int = execution_field(1, ge=0)
+    # Keep the latents an earlier cache output of the same VAE and encoding holds for unchanged images (after an
+    # ingest update); false encodes every image. The output is the same either way: not in the fingerprint.
+    reuse: bool = execution_field(True)
     chunk_target_mb: float = Field(256.0, gt=0)  # Parquet chunk size target
     row_group_mb: float = Field(8.0, gt=0)  # row-group size target (the reader's unit of I/O)
     rating_source: Literal["danbooru", "tagger"] = "danbooru"

@@ -43,6 +43,7 @@ from tasks.cache.chunks import (
     write_chunk,
 )
 from tasks.cache.encode import LatentEncoder
+from tasks.cache.reuse import located, read_reused
 from tasks.cache.images import (
     Geometry,
     ImageError,
@@ -69,7 +70,8 @@ ChunkDone = Callable[[ChunkPlan, dict], None]
 
 @dataclass
 class LoopStats:
-    images: int = 0
+    images: int = 0  # encoded here
+    reused: int = 0  # latents read from an earlier cache output instead (tasks/cache/reuse.py)
     rejects: int = 0
     chunks: int = 0
     bytes: int = 0
@@ -81,7 +83,7 @@ class LoopStats:
     participants: list[dict] = field(default_factory=list)
 
     def merge(self, other: "LoopStats") -> None:
-        for name in ("images", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
+        for name in ("images", "reused", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds = max(self.seconds, other.seconds)
         self.participants += other.participants
@@ -274,24 +276,29 @@ class _Pass:
         self.lanes = _Lanes(self.encoder.device)
 
     def jobs(self):
+        """(plan index, "encode" | "reuse", sample rows): batches to decode and encode, and for each chunk one job
+        that reads the latents an earlier output holds for its other samples (tasks/cache/reuse.py)."""
         batch_size = self.settings.batch_size
         for p_idx, plan in enumerate(self.plans):
             if self.claim is not None and not self.claim(p_idx):
                 continue
-            rows = np.arange(plan.start, plan.stop)
-            batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-            self.pending[p_idx] = _Pending(plan, len(batches))
-            yield from ((p_idx, b) for b in batches)
+            encode, reuse = located(self.cols, np.arange(plan.start, plan.stop))
+            batches = [encode[i : i + batch_size] for i in range(0, len(encode), batch_size)]
+            self.pending[p_idx] = _Pending(plan, len(batches) + (1 if len(reuse) else 0))
+            if len(reuse):
+                yield p_idx, "reuse", reuse
+            yield from ((p_idx, "encode", b) for b in batches)
 
     def run(self) -> LoopStats:
         s, lanes, stats, device = self.settings, self.lanes, self.stats, self.encoder.device
         load = (partial(_load_pil_batch, pin=lanes.cuda) if s.backend == "pil"
                 else partial(_prepare_batch, cpu_jpeg=s.cpu_jpeg, pin=lanes.cuda))
+        reuse = partial(read_reused, store_std=s.store_std)
         lookahead = max(2, s.threads * 2)
         jobs = self.jobs()
         with ThreadPoolExecutor(s.threads, thread_name_prefix="cache-decode") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="cache-write") as self.writer:
-            futures: deque[tuple[int, Future]] = deque()
+            futures: deque[tuple[int, str, Future]] = deque()
             jobs_left = True
             in_flight = None  # (p_idx, rows, host latents, copy-done event) of the batch still on its way back
             while jobs_left or futures:
@@ -300,12 +307,19 @@ class _Pass:
                     if job is None:
                         jobs_left = False
                         break
-                    p_idx, rows = job
-                    futures.append((p_idx, pool.submit(load, self.cols, rows)))
+                    p_idx, kind, rows = job
+                    futures.append((p_idx, kind, pool.submit(reuse if kind == "reuse" else load, self.cols, rows)))
                 if not futures:
                     break
-                p_idx, fut = futures.popleft()
+                p_idx, kind, fut = futures.popleft()
                 t0 = time.monotonic()
+                if kind == "reuse":  # read from an earlier output: nothing for the device
+                    rows, arrays = fut.result()
+                    stats.encode_wait_s += time.monotonic() - t0
+                    self.keep(p_idx, rows, arrays)
+                    stats.reused += len(rows)
+                    self.batch_done(p_idx)
+                    continue
                 ok, payload, rejects = fut.result()
                 stats.encode_wait_s += time.monotonic() - t0
                 with lanes.preparing():
@@ -346,10 +360,24 @@ class _Pass:
                 st.rejects.append({"id": int(self.cols["id"][r]), "reason": "nonfinite_latent",
                                    "detail": "the VAE encoder returned inf/NaN for this image"})
                 stats.rejects += 1
-            st.rows.append(rows[finite])
-            st.means.append(arrays[0][finite])
-            if self.settings.store_std:
-                st.stds.append(arrays[1][finite])
+            self.keep(p_idx, rows[finite], [a[finite] for a in arrays])
+        self.batch_done(p_idx)
+
+    def keep(self, p_idx: int, rows: np.ndarray, arrays: list[np.ndarray]) -> None:
+        """Latents of some of a chunk's rows ([mean] or [mean, std], encoded here or read from an earlier output)."""
+        st = self.pending[p_idx]
+        st.rows.append(rows)
+
+        def flat(a: np.ndarray) -> np.ndarray:  # encoded and read latents concatenate alike (also 0 rows)
+            return a.reshape(len(rows), int(np.prod(a.shape[1:])))
+
+        st.means.append(flat(arrays[0]))
+        if self.settings.store_std:
+            st.stds.append(flat(arrays[1]))
+
+    def batch_done(self, p_idx: int) -> None:
+        """One of a chunk's jobs is in; a chunk with all of them in is written."""
+        st = self.pending[p_idx]
         st.batches_left -= 1
         if st.batches_left == 0:
             self.writes.append(self.writer.submit(self.write, self.pending.pop(p_idx)))

@@ -6,7 +6,7 @@ which must agree on every plan: both call `plan_samples`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from pipeline_config.schema import PipelineConfig
 from tasks.cache.captions import TagTokenizer
 from tasks.cache.chunks import ChunkPlan, plan_chunks
 from tasks.cache.inputs import load_samples
+from tasks.cache.reuse import plan_reuse
 from tasks.common.stage import StageContext
 from tasks.models.identity import files_identity
 from tasks.models.sources import ModelSource, resolve_model_source
@@ -69,10 +70,12 @@ class Planned:
     scaling: float
     vae_id: str
     tok_id: str
+    reused: dict = field(default_factory=dict)  # {"rows", "from"}: latents an earlier output lends (reuse.py)
 
 
 def plan_samples(ctx: StageContext) -> Planned:
-    """Join the upstream outputs into samples (captions tokenized) and cut them into chunk plans."""
+    """Join the upstream outputs into samples (captions tokenized), mark those whose latents an earlier output
+    holds, and cut them into chunk plans."""
     cfg = ctx.section
     cache_dir = Path(ctx.cfg.runtime.cache_dir)
     source, vae_id, tok_id = model_identity(ctx.cfg)
@@ -86,8 +89,9 @@ def plan_samples(ctx: StageContext) -> Planned:
     if np.any(bw % downscale) or np.any(bh % downscale):
         raise ContractError(f"bucket sizes must be multiples of the VAE downscale {downscale}; "
                             f"found e.g. {int(bw[np.argmax(bw % downscale)])}x{int(bh[np.argmax(bh % downscale)])}")
+    samples, reused = plan_reuse(ctx, samples, vae_id)
     return Planned(samples, rejects, chunk_plans(samples, cfg, channels, downscale), channels, downscale, scaling,
-                   vae_id, tok_id)
+                   vae_id, tok_id, reused)
 
 
 def chunk_plans(samples: pa.Table, cfg: CacheConfig, channels: int, downscale: int) -> list[ChunkPlan]:

@@ -7,6 +7,9 @@ Output folder:
                                              for shard k under a Dask/Ray runner, tasks/cache/shards.py)
     report.json, manifest.json
 
+After an ingest update most samples are unchanged: their latents are read from the earlier cache output of the same
+VAE and encoding instead of encoded again (tasks/cache/reuse.py; stats `reused_latents`, `latent_identity`).
+
 The VAE and tokenizer identities (sha256 of the weights / vocabulary files) belong in the fingerprint:
 `fingerprint_extra(cfg)` returns them for the stage runner to mix into the config digest, so a changed
 VAE file under the same `cache.model` path re-caches.
@@ -33,6 +36,7 @@ from tasks.cache.encode import resolve_device
 from tasks.cache.inputs import localize
 from tasks.cache.pipeline import ChunkEncoder, LoopStats, bucket_sizes, decode_backend, load_vae, run_sharded
 from tasks.cache.planning import fingerprint_extra, plan_samples
+from tasks.cache.reuse import IDENTITY_KEY, latent_identity
 from tasks.cache.visuals import (
     decode_check,
     make_decoded_sheet,
@@ -62,6 +66,10 @@ def _report(chunks: list[ChunkInfo], rejects: list[dict], stats: dict) -> StageR
         f"VAE `{stats['vae_identity'][:12]}` on {stats['device']} ({stats['decode']} decode), "
         f"{stats['images_per_s']:.1f} img/s this run.",
     ]
+    if stats.get("reused_latents"):
+        kept = stats["reused_latents"]
+        lines.append(f"{kept['rows']} latents kept from cache output `{kept['from']}` (same VAE and encoding, same "
+                     "image and crop): only new and changed images were encoded.")
     return StageReport(
         summary_md="\n\n".join(lines),
         tables={"buckets": sorted(per_bucket.values(), key=lambda r: r["bucket"]),
@@ -148,7 +156,10 @@ def build(ctx: StageContext) -> StageResult:
         "images_per_s": loop.images / loop.seconds if loop.seconds else 0.0,
         "encode_wait_s": round(loop.encode_wait_s, 2), "chunks_resumed": len(plans) - len(todo),
         "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
+        IDENTITY_KEY: latent_identity(ctx, vae_id),
     }
+    if planned.reused:
+        stats["reused_latents"] = planned.reused
     report = _report(chunks, rejects, stats)
     published = {done[c.path]["published"]: FileEntry(path=c.path, size=c.bytes, sha256=c.sha256)
                  for c in chunks if "published" in done[c.path]}  # only on the store (another machine's)

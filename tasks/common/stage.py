@@ -86,6 +86,9 @@ class StageSpec:
     # What else decides the output besides the config section (e.g. sha256 of a model file the
     # config only names by path): hashed into the fingerprint so a changed file reruns the stage.
     fingerprint_extra: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    # Optional: a complete output that a run which is not forced uses instead of the one its fingerprint names,
+    # given (cfg, store, fingerprint); None: none. Ingest: the newest snapshot of the config's crawl (an update).
+    superseded_by: Callable[[PipelineConfig, ArtifactStore, str], str | None] | None = None
     # Optional sharding: plan_shards(ctx) -> JSON-able shard descriptions; run_shard(ctx, shard) does one
     # (idempotent, writing under ctx.work) and returns a JSON-able summary; build(ctx) then merges, with
     # the summaries in ctx.shard_results. The flow maps run_shard over Prefect's task runner (threads,
@@ -138,7 +141,16 @@ def is_cached(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore) -> boo
         upstream = upstream_manifests(spec, store)
     except (ContractError, OSError):
         return False
-    return store.is_complete(spec.name, compute_fingerprint(spec, cfg, upstream))
+    fp = compute_fingerprint(spec, cfg, upstream)
+    return store.is_complete(spec.name, fp) or newer_output(spec, cfg, store, fp) is not None
+
+
+def newer_output(spec: StageSpec, cfg: PipelineConfig, store: ArtifactStore, fingerprint: str) -> str | None:
+    """The complete output that supersedes `fingerprint`'s for a run that is not forced (StageSpec.superseded_by)."""
+    if spec.superseded_by is None:
+        return None
+    newer = spec.superseded_by(cfg, store, fingerprint)
+    return newer if newer is not None and newer != fingerprint and store.is_complete(spec.name, newer) else None
 
 
 def load_report(store: ArtifactStore, manifest: StageManifest) -> StageReport:
@@ -174,6 +186,11 @@ def prepare_stage(
     upstream = upstream_manifests(spec, store)
     fp = compute_fingerprint(spec, cfg, upstream)
     store.clean_incomplete(spec.name, keep={fp})
+    newer = None if force else newer_output(spec, cfg, store, fp)
+    if newer is not None:
+        log.info("%s: using %s instead of %s: the newest snapshot of this config's output (--force builds %s "
+                 "again)", spec.name, newer, fp, fp)
+        fp = newer
     if store.is_complete(spec.name, fp) and not force:
         manifest = store.read_manifest(manifest_class(spec.name), fp)
         store.set_current(spec.name, fp)

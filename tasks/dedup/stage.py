@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 from data_contracts.dedup import DEDUP_SCHEMA, DedupManifest
 from data_contracts.errors import BooruflowError, StageError
 from data_contracts.ingest import POSTS_SCHEMA, IngestManifest
-from data_contracts.manifest import MANIFEST_NAME
 from data_contracts.tables import REJECTS_SCHEMA, read_table, write_table
 from pipeline_config.dedup import DedupConfig
+from tasks.common.earlier import complete_outputs, current_then_newest
 from tasks.common.journal import Journal
 from tasks.common.pictures import draw_pictures
 from tasks.common.stage import StageContext, StageReport, StageResult, StageSpec
@@ -44,19 +44,10 @@ POST_COLUMNS = ["id", "score", "width", "height", "parent_id", "image_path", "fi
 def earlier_hashes(ctx: StageContext) -> dict[str, int]:
     """{pool image path: pHash} from the newest other complete dedup output of this code version (the current
     one first) whose ingest output still exists; {} when there is none. Unhashable images are not in it."""
-    store, found = ctx.store, []
-    for path in store.fs.glob(f"{store.output_path('dedup', '*')}/{MANIFEST_NAME}"):
-        fingerprint = str(path).rstrip("/").split("/")[-2]
-        if fingerprint == ctx.fingerprint or fingerprint.startswith((".", "_")):
-            continue
-        try:
-            manifest = store.read_manifest(DedupManifest, fingerprint)
-        except BooruflowError:  # another contract version, a broken manifest
-            continue
-        if manifest.code_version == CODE_VERSION and "ingest" in manifest.upstream:
-            found.append(manifest)
-    current = store.current("dedup")
-    for source in sorted(found, key=lambda m: (m.fingerprint == current, m.created_at), reverse=True):
+    store = ctx.store
+    found = [m for m in complete_outputs(store, DedupManifest, exclude=ctx.fingerprint)
+             if m.code_version == CODE_VERSION and "ingest" in m.upstream]
+    for source in current_then_newest(store, found):
         try:
             ingest = store.read_manifest(IngestManifest, source.upstream["ingest"])
             before = read_upstream(store, ingest, "posts", POSTS_SCHEMA, ["id", "image_path"])

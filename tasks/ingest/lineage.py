@@ -11,12 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Callable
 
-from data_contracts.errors import BooruflowError
 from data_contracts.fingerprint import content_id
 from data_contracts.ingest import IngestManifest
-from data_contracts.manifest import MANIFEST_NAME
 from data_contracts.store import ArtifactStore
 from pipeline_config.schema import PipelineConfig
+from tasks.common.earlier import complete_outputs
 
 
 def plain(cfg: PipelineConfig) -> PipelineConfig:
@@ -30,18 +29,7 @@ def plain(cfg: PipelineConfig) -> PipelineConfig:
 
 def members(store: ArtifactStore, root: str) -> list[IngestManifest]:
     """Every complete ingest output of the lineage `root` (its from-scratch crawl and the updates on it)."""
-    found = []
-    for path in sorted(store.fs.glob(f"{store.output_path('ingest', '*')}/{MANIFEST_NAME}")):
-        fingerprint = str(path).rstrip("/").split("/")[-2]
-        if fingerprint.startswith((".", "_")):
-            continue
-        try:
-            manifest = store.read_manifest(IngestManifest, fingerprint)
-        except BooruflowError:  # another contract version, a broken manifest: not something to extend
-            continue
-        if fingerprint == root or manifest.lineage() == root:
-            found.append(manifest)
-    return found
+    return [m for m in complete_outputs(store, IngestManifest) if m.fingerprint == root or m.lineage() == root]
 
 
 def newest(store: ArtifactStore, root: str) -> IngestManifest | None:

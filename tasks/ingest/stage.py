@@ -193,6 +193,15 @@ def fingerprint_extra(cfg: PipelineConfig) -> dict[str, Any]:
     return extra
 
 
+def newest_snapshot(cfg: PipelineConfig, store, fingerprint: str) -> str | None:
+    """A run without --update uses the newest output of its crawl's lineage: an update of it when one is newer
+    than the crawl (tasks/ingest/lineage.py), so the later stages see the newest data. --force crawls anew."""
+    if cfg.ingest.update.enabled or cfg.ingest.source != "danbooru_api":
+        return None
+    latest = lineage.newest(store, fingerprint)
+    return latest.fingerprint if latest is not None else None
+
+
 def plain_fingerprint(cfg: PipelineConfig) -> str:
     """The fingerprint of the config's from-scratch crawl (the root of its updates' lineage)."""
     return compute_fingerprint(SPEC, lineage.plain(cfg), {})
@@ -215,4 +224,4 @@ def update_base(ctx: StageContext) -> IngestManifest | None:
 
 
 SPEC = StageSpec(name="ingest", upstream=(), code_version="2", build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra, plan_shards=shards.plan_shards, run_shard=shards.run_shard)
+                 fingerprint_extra=fingerprint_extra, superseded_by=newest_snapshot, plan_shards=shards.plan_shards, run_shard=shards.run_shard)

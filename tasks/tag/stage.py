@@ -37,11 +37,11 @@ from data_contracts.dedup import DEDUP_SCHEMA
 from data_contracts.errors import BooruflowError, ContractError, StageError
 from data_contracts.fingerprint import digest
 from data_contracts.ingest import IngestManifest
-from data_contracts.manifest import MANIFEST_NAME
 from data_contracts.store import atomic_write_text
 from data_contracts.tables import REJECTS_SCHEMA, read_table, rows_to_table, write_table
 from data_contracts.tag import TAGS_SCHEMA, TagManifest
 from pipeline_config.load import section_dict
+from tasks.common.earlier import complete_outputs, current_then_newest
 from tasks.common.journal import read_done_mark, write_done_mark
 from tasks.common.process_cache import ProcessCache
 from tasks.common.shard_workers import WorkerSlot, plan_slots
@@ -124,20 +124,10 @@ def _identity_of(manifest: TagManifest) -> dict[str, Any]:
 
 def _reuse_source(ctx: StageContext) -> TagManifest | None:
     """The earlier tag output whose rows may be kept: the current one, else the newest, of the same tagger."""
-    store, mine = ctx.store, _identity(ctx)
-    found = []
-    for path in store.fs.glob(f"{store.output_path('tag', '*')}/{MANIFEST_NAME}"):
-        fingerprint = str(path).rstrip("/").split("/")[-2]
-        if fingerprint == ctx.fingerprint or fingerprint.startswith((".", "_")):
-            continue
-        try:
-            manifest = store.read_manifest(TagManifest, fingerprint)
-        except BooruflowError:
-            continue
-        if _identity_of(manifest) == mine and "ingest" in manifest.upstream:
-            found.append(manifest)
-    current = store.current("tag")
-    return max(found, key=lambda m: (m.fingerprint == current, m.created_at), default=None)
+    mine = _identity(ctx)
+    found = [m for m in complete_outputs(ctx.store, TagManifest, exclude=ctx.fingerprint)
+             if _identity_of(m) == mine and "ingest" in m.upstream]
+    return next(iter(current_then_newest(ctx.store, found)), None)
 
 
 def _reused(ctx: StageContext) -> tuple[pa.Table, TagManifest] | None:

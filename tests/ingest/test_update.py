@@ -298,7 +298,7 @@ def test_tag_after_an_update_keeps_the_rows_of_unchanged_posts(scenario, tmp_pat
         outs[enabled] = [ingest, _keep_all(store, ingest.manifest), run_stage(TAG, cfg, store)]
     ingest, _, out = outs[True]
     assert ingest.manifest.update_record() is not None
-    _status_and_warning(s.cfg(root, enabled=False), store, base=outs[False][0].manifest, update=ingest.manifest)
+    _status(s.cfg(root, enabled=False), store, update=ingest.manifest)
     rows = pq.read_table(Path(out.output_path) / "tags.parquet")
     assert set(tagged) <= set(s.edits["uploads"]) and 0 < len(tagged) < rows.num_rows
     assert out.manifest.stats["reused_rows"] == {"rows": rows.num_rows - len(tagged),
@@ -311,22 +311,72 @@ def test_tag_after_an_update_keeps_the_rows_of_unchanged_posts(scenario, tmp_pat
     _same_rows(rows, pq.read_table(Path(again.output_path) / "tags.parquet"))
 
 
-def _status_and_warning(plain, store: ArtifactStore, base: IngestManifest, update: IngestManifest) -> None:
-    """`fm status` counts an update of the config's crawl as complete; a run without --update that falls back to
-    the crawl says that a newer snapshot exists."""
+def test_cache_after_an_update_encodes_only_new_images(scenario, tmp_path):
+    """The data stages on the base, then on the update (dedup keeping every post): the cache stage encodes only the
+    samples whose image or geometry is new, keeps the other latents of the base's cache output, and writes the
+    chunks a cache run without anything to reuse writes, byte for byte; `cache.reuse: false` encodes everything."""
+    from tasks.common.stage import run_stage
+    from tasks.registry import stage_spec
+    from tasks.tag.tiny import LABELS_FILE, write_tagger_folder
+
+    s = scenario
+    tagger = write_tagger_folder(tmp_path / "tagger", LABELS_FILE, seed=0, with_onnx=False)
+    demo = load_config("demo")
+    sections = {"tag": load_config({"tag": {"model": str(tagger), "backend": "torch", "shard_size": 64,
+                                            "device": "cpu"}}).tag,
+                "quality": demo.quality, "bucket": demo.bucket, "cache": demo.cache}
+    root = s.update_root("cached")
+    outs = {}
+    for enabled in (False, True):  # the base, then the update
+        cfg = s.cfg(root, enabled=enabled).model_copy(update=sections)
+        store = ArtifactStore(cfg.data_root, local_cache=cfg.runtime.cache_dir)
+        ingest = run_stage(SPEC, cfg, store)
+        _keep_all(store, ingest.manifest)
+        outs[enabled] = {stage: run_stage(stage_spec(stage), cfg, store) for stage in ("tag", "quality", "bucket",
+                                                                                         "cache")}
+    base, out = outs[False]["cache"], outs[True]["cache"]
+    rows, stats = out.manifest.row_counts["chunks"], out.manifest.stats
+    assert stats["reused_latents"]["from"] == base.manifest.fingerprint
+    reused = stats["reused_latents"]["rows"]
+    assert 0 < stats["images_this_run"] < rows and reused + stats["images_this_run"] == rows
+    assert stats["images_this_run"] <= len(s.edits["uploads"])  # the uploads; every other image and crop unchanged
+    # the reference: the same output built again with reuse off (every image encoded)
+    chunks = {c.path: c.sha256 for c in out.manifest.chunks}
+    off = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"reuse": False})})
+    again = run_stage(stage_spec("cache"), off, store, force=True)
+    assert again.manifest.fingerprint == out.manifest.fingerprint  # reuse is not part of the fingerprint
+    assert again.manifest.stats["images_this_run"] == rows and "reused_latents" not in again.manifest.stats
+    assert {c.path: c.sha256 for c in again.manifest.chunks} == chunks
+
+
+def _status(plain, store: ArtifactStore, update: IngestManifest) -> None:
+    """`fm status` counts an update of the config's crawl as complete."""
     from flows.cli import stage_status
-    from flows.fm import note_newer_snapshots
 
     row = next(r for r in stage_status(plain, store) if r["stage"] == "ingest")
     assert row["state"] == "complete" and row["fingerprint"] == update.fingerprint and "an update" in row["note"]
-    said: list[str] = []
 
-    class Log:
-        def warning(self, msg, *args):
-            said.append(msg % args)
 
-    note_newer_snapshots("ingest", plain, {"fingerprint": base.fingerprint}, Log())
-    assert len(said) == 1 and update.fingerprint in said[0] and "--update" in said[0]
+def test_a_run_without_update_takes_the_newest_snapshot_and_force_crawls_from_scratch(scenario, caplog):
+    """After an update, a run without --update uses it (not the older from-scratch crawl), so the later stages see
+    the newest data; --force crawls the config from scratch again, and that crawl is then the newest."""
+    s = scenario
+    update, store = s.update("follow")
+    plain = s.cfg(s.tmp / "follow", enabled=False)
+    base = store.read_manifest(IngestManifest, update.manifest.update_record().lineage)
+    assert base.fingerprint == s.base.manifest.fingerprint
+    store.set_current("ingest", base.fingerprint)  # as after a run of the stages before the update
+    with caplog.at_level("INFO"):
+        again, _ = run(plain)
+    assert again.cached and again.manifest.fingerprint == update.manifest.fingerprint
+    assert store.current("ingest") == update.manifest.fingerprint
+    assert any("newest snapshot" in r.getMessage() and update.manifest.fingerprint in r.getMessage()
+               for r in caplog.records)
+    s.server.reset_stats()
+    forced, _ = run(plain, force=True)
+    assert not forced.cached and forced.manifest.fingerprint == base.fingerprint
+    assert _tables(forced)[0].equals(s.expected[0])  # the edited server's state, crawled from scratch
+    assert run(plain)[0].manifest.fingerprint == base.fingerprint  # the re-crawl is now the newest snapshot
 
 
 def _keep_all(store: ArtifactStore, ingest: IngestManifest):
