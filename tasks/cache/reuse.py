@@ -103,21 +103,17 @@ def plan_reuse(ctx: StageContext, samples: pa.Table, vae_id: str) -> tuple[pa.Ta
         ctx.log.info("cache: not reusing latents of %s (%s)", source.fingerprint, exc)
         return nothing
     e_ids = earlier["id"].to_numpy()
+    if len(e_ids) == 0:
+        return nothing
     ids = samples["id"].to_numpy()
-    pos = np.minimum(np.searchsorted(e_ids, ids), max(len(e_ids) - 1, 0))
-    same = (e_ids[pos] == ids) if len(e_ids) else np.zeros(n, bool)
-    taken = earlier.take(pa.array(pos)) if len(e_ids) else None
+    pos = np.minimum(np.searchsorted(e_ids, ids), len(e_ids) - 1)
+    same = e_ids[pos] == ids
+    taken = earlier.take(pa.array(pos))
     for name in ("image", *GEOMETRY_KEYS):
-        if not same.any():
-            break
-        mine = samples[name]
         theirs = taken["image_path" if name == "image" else name]
-        equal = pc.fill_null(pc.equal(mine, theirs), False).to_numpy(zero_copy_only=False)
-        same &= equal
-    file_col = pa.array([files[k] if ok else None
-                         for k, ok in zip(taken["file"].to_numpy() if taken is not None else [], same)], pa.string())
-    row_col = pa.array(np.where(same, taken["row"].to_numpy(), 0) if taken is not None else np.zeros(0, np.int32),
-                       pa.int32(), mask=~same)
+        same &= pc.fill_null(pc.equal(samples[name], theirs), False).to_numpy(zero_copy_only=False)
+    file_col = pa.array([files[k] if ok else None for k, ok in zip(taken["file"].to_numpy(), same)], pa.string())
+    row_col = pa.array(np.where(same, taken["row"].to_numpy(), 0), pa.int32(), mask=~same)
     found = {"rows": int(same.sum()), "from": source.fingerprint}
     ctx.log.info("cache: %d of %d latents kept from %s (same VAE and encoding, same image and geometry)",
                  found["rows"], n, source.fingerprint)

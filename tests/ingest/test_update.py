@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -341,12 +342,25 @@ def test_cache_after_an_update_encodes_only_new_images(scenario, tmp_path):
     assert 0 < stats["images_this_run"] < rows and reused + stats["images_this_run"] == rows
     assert stats["images_this_run"] <= len(s.edits["uploads"])  # the uploads; every other image and crop unchanged
     # the reference: the same output built again with reuse off (every image encoded)
-    chunks = {c.path: c.sha256 for c in out.manifest.chunks}
+    kept = _latents(Path(out.output_path))
     off = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"reuse": False})})
     again = run_stage(stage_spec("cache"), off, store, force=True)
     assert again.manifest.fingerprint == out.manifest.fingerprint  # reuse is not part of the fingerprint
     assert again.manifest.stats["images_this_run"] == rows and "reused_latents" not in again.manifest.stats
-    assert {c.path: c.sha256 for c in again.manifest.chunks} == chunks
+    fresh = _latents(Path(again.output_path))
+    assert sorted(fresh) == sorted(kept)  # the same samples in the same chunks; the latents equal up to the
+    for key, value in fresh.items():  # VAE's batch-to-batch rounding (an fp16 ulp; tests/cache/test_stage.py)
+        assert np.abs(kept[key] - value).max() <= 2e-3 * max(1.0, np.abs(value).max()), key
+
+
+def _latents(folder: Path) -> dict:
+    """(chunk path, id) -> latent mean (float32) of every row of a cache output."""
+    found = {}
+    for part in sorted(folder.glob("chunks/*/*.parquet")):
+        for row in pq.read_table(part, columns=["id", "latent_mean"]).to_pylist():
+            found[(str(part.relative_to(folder)), row["id"])] = np.frombuffer(row["latent_mean"], np.float16).astype(
+                np.float32)
+    return found
 
 
 def _status(plain, store: ArtifactStore, update: IngestManifest) -> None:
