@@ -70,8 +70,7 @@ ChunkDone = Callable[[ChunkPlan, dict], None]
 
 @dataclass
 class LoopStats:
-    images: int = 0  # encoded here
-    reused: int = 0  # latents read from an earlier cache output instead (tasks/cache/reuse.py)
+    images: int = 0  # encoded here (not the latents read from an earlier output: tasks/cache/reuse.py)
     rejects: int = 0
     chunks: int = 0
     bytes: int = 0
@@ -83,7 +82,7 @@ class LoopStats:
     participants: list[dict] = field(default_factory=list)
 
     def merge(self, other: "LoopStats") -> None:
-        for name in ("images", "reused", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
+        for name in ("images", "rejects", "chunks", "bytes", "encode_wait_s", "device_wait_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds = max(self.seconds, other.seconds)
         self.participants += other.participants
@@ -317,7 +316,6 @@ class _Pass:
                     rows, arrays = fut.result()
                     stats.encode_wait_s += time.monotonic() - t0
                     self.keep(p_idx, rows, arrays)
-                    stats.reused += len(rows)
                     self.batch_done(p_idx)
                     continue
                 ok, payload, rejects = fut.result()

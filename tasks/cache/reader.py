@@ -92,7 +92,7 @@ def _token_lists(col, rows: list[int]) -> list[list[list[int]]]:
     return [per_tag[off[r] - lo : off[r + 1] - lo] for r in rows]
 
 
-def _latents(col, shape: tuple[int, ...], where: str) -> np.ndarray:
+def latent_view(col, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Binary column of fixed-size fp16 values -> [n, *shape] array viewing the Arrow buffer."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n = len(arr)
@@ -254,8 +254,8 @@ class ChunkReader:
         shape = (self.manifest.latent_channels, h // f, w // f)
         take = np.asarray(rows, dtype=np.int64)
         labels = table.column("quality_label").to_pylist()
-        mean = _latents(table.column("latent_mean"), shape, where)[take].copy()
-        std = _latents(table.column("latent_std"), shape, where)[take].copy() if self.manifest.stores_std else None
+        mean = latent_view(table.column("latent_mean"), shape, where)[take].copy()
+        std = latent_view(table.column("latent_std"), shape, where)[take].copy() if self.manifest.stores_std else None
         loaded = _Loaded(
             pos={int(r): i for i, r in enumerate(take)},
             ids=table.column("id").to_numpy()[take],

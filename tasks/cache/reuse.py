@@ -32,6 +32,7 @@ from data_contracts.ingest import POSTS_SCHEMA
 from data_contracts.store import ArtifactStore
 from tasks.cache.chunks import LATENT_COLUMNS
 from tasks.cache.encode import resolve_device
+from tasks.cache.reader import latent_view
 from tasks.common.earlier import complete_outputs, current_then_newest
 from tasks.common.stage import StageContext
 from tasks.common.upstream import read_upstream
@@ -125,23 +126,17 @@ def read_latents(path: str, rows: np.ndarray, store_std: bool) -> list[np.ndarra
     row groups holding them are read."""
     meta = pq.read_metadata(path)
     starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    groups = sorted({int(g) for g in np.searchsorted(starts, rows, side="right") - 1})
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
     columns = list(LATENT_COLUMNS if store_std else LATENT_COLUMNS[:1])
-    table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
-    base = np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups])  # where each group starts in table
-    local = np.array([base[groups.index(g)] + r - starts[g]
-                      for r, g in zip(rows, np.searchsorted(starts, rows, side="right") - 1)], np.int64)
+    table = pq.ParquetFile(path).read_row_groups(groups.tolist(), columns=columns)
+    base = np.concatenate([[0], np.cumsum(starts[groups + 1] - starts[groups])[:-1]])  # each group's first row
+    local = base[np.searchsorted(groups, group_of)] + rows - starts[group_of]
     out = []
     for name in columns:
-        col = table[name].take(pa.array(local)).combine_chunks()
-        if col.null_count:
-            raise BooruflowError(f"cache: {path} holds null {name} values where latents were expected")
-        offsets = np.frombuffer(col.buffers()[1], np.int32, count=len(col) + 1, offset=col.offset * 4)
-        width = int(offsets[1] - offsets[0]) if len(col) else 0
-        if len(col) and np.any(np.diff(offsets) != width):
-            raise BooruflowError(f"cache: {path}: {name} values of unequal sizes in one bucket")
-        data = np.frombuffer(col.buffers()[2], np.uint8, count=len(col) * width, offset=int(offsets[0]))
-        out.append(data.view(np.float16).reshape(len(col), -1).copy())
+        col = table[name].take(pa.array(local))
+        values = len(col[0].as_buffer()) // 2 if len(col) else 0  # one bucket: every row the same size
+        out.append(latent_view(col, (values,), f"{path} ({name})").copy())
     return out
 
 
@@ -156,19 +151,13 @@ def located(samples_cols: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def read_reused(samples_cols: dict, rows: np.ndarray, store_std: bool) -> tuple[np.ndarray, list[np.ndarray]]:
     """(rows, [mean, std?]) for sample rows that reuse an earlier output's latents, file by file."""
-    files = [samples_cols[REUSE_FILE][r] for r in rows]
+    files = np.array([samples_cols[REUSE_FILE][r] for r in rows], object)
     at = np.array([samples_cols[REUSE_ROW][r] for r in rows], np.int64)
-    order, parts, got_rows = np.argsort(files, kind="stable"), [], []
-    files_sorted = [files[i] for i in order]
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop < len(order) and files_sorted[stop] == files_sorted[start]:
-            stop += 1
-        idx = order[start:stop]
-        parts.append(read_latents(files_sorted[start], at[idx], store_std))
+    parts, got_rows = [], []
+    for path in dict.fromkeys(files):  # each chunk file once, in first-seen order
+        idx = np.flatnonzero(files == path)
+        parts.append(read_latents(path, at[idx], store_std))
         got_rows.append(rows[idx])
-        start = stop
     if not parts:
         return rows[:0], []
     return np.concatenate(got_rows), [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]

@@ -224,4 +224,5 @@ def update_base(ctx: StageContext) -> IngestManifest | None:
 
 
 SPEC = StageSpec(name="ingest", upstream=(), code_version="2", build=build, resumable=True,
-                 fingerprint_extra=fingerprint_extra, superseded_by=newest_snapshot, plan_shards=shards.plan_shards, run_shard=shards.run_shard)
+                 fingerprint_extra=fingerprint_extra, superseded_by=newest_snapshot, plan_shards=shards.plan_shards,
+                 run_shard=shards.run_shard)
