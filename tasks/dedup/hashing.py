@@ -17,8 +17,9 @@ any other format by the same s x s box average (`Image.reduce`), which is what t
 inflate. A plain 8-bit L/RGB/LA/RGBA PNG is decoded to exactly Pillow's pixels by a faster path: inflated
 whole by libdeflate (Pillow inflates a row at a time, ~2/3 of its PNG time), then unfiltered, RGB turned to
 luma on the way, by a numba-compiled loop: ~6 ms of CPU instead of ~16 for a 1.5 MP PNG (anything else,
-Pillow decodes; BOORUFLOW_DEDUP_DECODE=pillow forces that). Loading numba costs a process ~0.45 s of CPU
-(and ~4 s once per install or edit, to compile into __pycache__). The DCT is two small matrix
+Pillow decodes; BOORUFLOW_DEDUP_DECODE=pillow forces that). Loading numba and the kernel costs a process
+~0.9 s of CPU (and ~4 s once per install or edit, to compile into __pycache__): paid once a call, by the
+first worker process, which then forks the others (start_workers). The DCT is two small matrix
 products, redone by scipy.fftpack for a picture with a coefficient within 1e-6 of the median (a tie: flat
 or mirror-symmetric pictures), so the bits are imagehash's exactly and a worker seldom imports scipy.
 The fast hash is a different resampling of the picture than the reference's, so the two can
@@ -38,6 +39,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -232,7 +235,7 @@ def _unfilter_rows(raw, height, stride, bpp, pixels, grey):  # pragma: no cover 
 
 def _png_unfilter():
     """The compiled unfilter kernel, or None where numba or deflate (libdeflate) is not installed. Loading
-    it (cached by numba in __pycache__ after the first compile) costs a process ~0.45 s of CPU."""
+    it (cached by numba in __pycache__ after the first compile) costs a process ~0.9 s of CPU."""
     global _png_kernel
     if _png_kernel is None:
         try:
@@ -352,54 +355,87 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def chunk_bounds(n: int, chunk: int, workers: int) -> list[int]:
+    """Where the chunks of n files start (and n): `chunk` files each, but the last ~2 chunks a worker
+    shrink to a quarter, so the workers run out of files at about the same time (no core idles through
+    a whole chunk at the end)."""
+    small = max(1, chunk // 4)
+    tail = min(n, 2 * max(1, workers) * chunk)  # the files handed out in small chunks
+    bounds = list(range(0, n - tail, chunk)) + list(range(n - tail, n, small))
+    return sorted(set(bounds)) + [n]
+
+
 def worker_command() -> list[str]:
     return [sys.executable, "-m", "tasks.dedup.hashing"]
 
 
 class _Worker:
-    """One `python -m tasks.dedup.hashing` process: a JSON request a line in, a JSON answer a line out."""
+    """One hash worker at the end of a socket: a JSON request a line in, a JSON answer a line out. It says
+    `{"ready": true, "pid": N}` first, once its imports are done."""
 
-    def __init__(self, cmd: Sequence[str]) -> None:
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-                                     encoding="utf-8")
-        assert self.proc.stdout is not None
-        hello = self.proc.stdout.readline()  # sent once its imports are done
+    def __init__(self, sock: socket.socket, starter: subprocess.Popen, cmd: Sequence[str]) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("r", encoding="utf-8")
+        self.writer = sock.makefile("w", encoding="utf-8")
+        self.starter = starter  # the process that started it (it, or the one it was forked from)
+        self.cmd = cmd
+        self.pid: int | None = None
+
+    def wait_ready(self) -> None:
+        try:
+            hello = self.reader.readline()
+        except OSError:
+            hello = ""
         if not hello.startswith('{"ready"'):
-            code = self.proc.wait()
-            raise RuntimeError(f"hash worker {' '.join(cmd)} did not start (exit code {code}); its stderr is above")
+            try:
+                code = self.starter.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise RuntimeError(f"hash worker {' '.join(self.cmd)} did not start (exit code {code}); its stderr is above")
+        self.pid = int(json.loads(hello).get("pid") or 0) or None
 
     def ask(self, request: dict) -> dict:
         """The answer, or ConnectionError when the process died (a decoder crash, an OOM kill)."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
+            self.writer.write(json.dumps(request) + "\n")
+            self.writer.flush()
+            line = self.reader.readline()
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise ConnectionError(f"hash worker died: {exc}") from exc
         if not line:
-            raise ConnectionError(f"hash worker exited with {self.proc.wait()}")
+            raise ConnectionError("hash worker closed its socket")
         return json.loads(line)
 
     def close(self, kill: bool = False) -> None:
-        if self.proc.poll() is None and not kill:
+        if kill and self.pid:  # a worker that may still be busy (or hung) on a file
             try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()  # the worker's loop ends at EOF
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
+                os.kill(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
+        for stream in (self.writer, self.reader, self.sock):
             try:
-                if stream is not None:
-                    stream.close()
+                stream.close()  # the worker's loop ends at EOF
             except OSError:
                 pass
+
+
+def start_workers(count: int, cmd: Sequence[str], warm_png: bool) -> tuple[subprocess.Popen, list[_Worker]]:
+    """`count` hash workers for the price of one start: ONE process (`cmd --fds ...`) does the imports (and,
+    with warm_png, loads numba's compiled PNG kernel: ~0.9 s of CPU a process), then forks a copy of itself
+    for every socket but the last, which it serves itself. Forking a process that has not started threads
+    is safe; the caller's own process (Prefect, its threads) is never forked."""
+    pairs = [socket.socketpair() for _ in range(count)]
+    theirs = [b.fileno() for _, b in pairs]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # a process a core already: BLAS threads would only compete
+    args = [*cmd, "--fds", ",".join(map(str, theirs))] + (["--warm-png"] if warm_png else [])
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, pass_fds=theirs, env=env)
+    finally:
+        for _, b in pairs:
+            b.close()
+    return proc, [_Worker(a, proc, cmd) for a, _ in pairs]
 
 
 def hash_files(
@@ -414,10 +450,12 @@ def hash_files(
     """pHash every file; the result is in the order of `paths`.
 
     workers: worker processes (default: the usable cores; 0 = in this process, as is a list of at most
-    `chunk` files). Workers are plain subprocesses (`python -m tasks.dedup.hashing`, like ingest's verify
-    workers): no fork next to the caller's threads, no re-import of its __main__. One thread here feeds
-    each worker chunks of `chunk` files. A worker that dies takes only its chunk down: the chunk is split
-    in halves and retried on a fresh worker, down to the single file that did it (`decoder_crash`).
+    `chunk` files). Workers are a subprocess (`python -m tasks.dedup.hashing`, like ingest's verify
+    workers) and copies it forks of itself once its imports are done (start_workers): no fork of the
+    caller's process (its threads), no re-import of its __main__, the imports paid once. One thread here
+    feeds each worker chunks of `chunk` files (smaller ones at the end: chunk_bounds), over a socket. A
+    worker that dies takes only its chunk down: the chunk is split in halves and retried on a fresh
+    worker, down to the single file that did it (`decoder_crash`).
     `worker_cmd` replaces the worker's command line (tests)."""
     started = time.perf_counter()
     paths = [str(p) for p in paths]
@@ -448,15 +486,27 @@ def hash_files(
             take(idx, *hash_chunk([paths[i] for i in idx], fast, max_pixels))
         return finish(0)
 
-    queue: deque[np.ndarray] = deque(np.arange(lo, min(n, lo + chunk)) for lo in range(0, n, chunk))
+    queue: deque[np.ndarray] = deque(np.split(np.arange(n), chunk_bounds(n, chunk, workers)[1:-1]))
     open_chunks = [len(queue)]  # queued or in flight; a thread stops when it is 0
     cmd = list(worker_cmd or worker_command())
+    count = min(workers, open_chunks[0])
+    warm_png = any(p[-4:].lower() == ".png" for p in paths)
+    starters: list[subprocess.Popen] = []
     live: list[_Worker] = []
     failures: list[BaseException] = []
 
-    def drive() -> None:
-        worker: _Worker | None = None
+    def spawn_one() -> _Worker:  # a replacement for a worker that died: started on its own
+        proc, (worker,) = start_workers(1, cmd, warm_png)
+        with lock:
+            starters.append(proc)
+            live.append(worker)
+        worker.wait_ready()
+        return worker
+
+    def drive(worker: _Worker | None) -> None:
         try:
+            if worker is not None:
+                worker.wait_ready()
             while True:
                 with lock:
                     if open_chunks[0] == 0 or failures:
@@ -466,13 +516,11 @@ def hash_files(
                     time.sleep(0.005)
                     continue
                 if worker is None:
-                    worker = _Worker(cmd)
-                    with lock:
-                        live.append(worker)
+                    worker = spawn_one()
                 try:
                     answer = worker.ask({"paths": [paths[i] for i in idx], "fast": fast, "max_pixels": max_pixels})
-                except ConnectionError:
-                    worker.close(kill=True)
+                except ConnectionError:  # it died: nothing left to kill (its pid may be another's by now)
+                    worker.close()
                     worker = None
                     with lock:
                         if len(idx) > 1:
@@ -497,8 +545,11 @@ def hash_files(
             if worker is not None:
                 worker.close()
 
-    threads = [threading.Thread(target=drive, name=f"dedup-hash-{k}", daemon=True)
-               for k in range(min(workers, open_chunks[0]))]
+    proc, first = start_workers(count, cmd, warm_png)
+    starters.append(proc)
+    live.extend(first)
+    threads = [threading.Thread(target=drive, args=(w,), name=f"dedup-hash-{k}", daemon=True)
+               for k, w in enumerate(first)]
     try:
         for t in threads:
             t.start()
@@ -511,19 +562,26 @@ def hash_files(
         for t in threads:
             t.join()
         for w in live:
-            w.close(kill=True)
+            w.close(kill=bool(open_chunks[0]))
+        for p in starters:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     if failures and open_chunks[0]:
         raise failures[0]
     return finish(len(threads))
 
 
-def worker_main() -> None:
-    """A hash worker's loop: {"paths", "fast", "max_pixels"} a stdin line -> {"hashes": [hex], "failed":
-    [[position, reason, detail]]} a stdout line; exits at EOF."""
-    out = sys.stdout
-    out.write('{"ready": true}\n')
+def _serve(fd: int) -> None:
+    """Answer one socket's requests: {"paths", "fast", "max_pixels"} a line -> {"hashes": [hex], "failed":
+    [[position, reason, detail]]} a line; ends at EOF."""
+    sock = socket.socket(fileno=fd)
+    reader, out = sock.makefile("r", encoding="utf-8"), sock.makefile("w", encoding="utf-8")
+    out.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     out.flush()
-    for line in sys.stdin:
+    for line in reader:
         if not line.strip():
             continue
         try:
@@ -535,6 +593,31 @@ def worker_main() -> None:
             answer = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         out.write(json.dumps(answer) + "\n")
         out.flush()
+
+
+def worker_main(argv: Sequence[str] | None = None) -> None:
+    """`python -m tasks.dedup.hashing --fds A,B,... [--warm-png]`: the imports (and the PNG kernel) once, then
+    a forked copy of this process serving each socket but the last, which this one serves."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fds = [int(f) for f in argv[argv.index("--fds") + 1].split(",")]
+    if "--warm-png" in argv:
+        _png_unfilter()
+    forked = []
+    for k, fd in enumerate(fds[:-1]):
+        pid = os.fork()
+        if pid == 0:
+            for other in fds[k + 1:]:  # the other workers' sockets: their EOF must not wait for this one
+                os.close(other)
+            _serve(fd)
+            os._exit(0)
+        forked.append(pid)
+        os.close(fd)
+    _serve(fds[-1])
+    for pid in forked:  # reaped here, so their CPU time counts in this process's children (the caller's rusage)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 # --- distances ------------------------------------------------------------------------------------------

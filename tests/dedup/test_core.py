@@ -23,10 +23,13 @@ from tasks.dedup.groups import (
 from tasks.dedup.hashing import (
     REASONS,
     bits_to_uint64,
+    chunk_bounds,
     hamming,
     hash_files,
     phash_image,
+    start_workers,
     to_hex,
+    worker_command,
 )
 from tests.dedup.images import EDITS, encode, scene_image
 
@@ -168,6 +171,36 @@ def test_a_worker_crash_costs_only_its_file(tmp_path, pictures):
     assert [(e.index, e.reason) for e in result.errors] == [(5, "decoder_crash")]
     expected = hash_files([f for f in files if "CRASH" not in f], workers=0).hashes
     np.testing.assert_array_equal(np.delete(result.hashes, 5), expected)
+
+
+def test_one_process_starts_and_the_other_workers_are_its_forks(pictures):
+    """The imports (and numba's PNG kernel) are paid once: the started process forks the other workers, each
+    on its own socket, and every one of them hashes; closing the sockets ends them all."""
+    proc, workers = start_workers(3, worker_command(), warm_png=True)
+    try:
+        for w in workers:
+            w.wait_ready()
+        pids = [w.pid for w in workers]
+        assert len(set(pids)) == 3 and proc.pid in pids
+        parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
+        assert sorted(parents[p] == proc.pid for p in pids) == [False, True, True]
+        files = [str(p) for p in pictures["jpg"] + pictures["png"]]
+        answers = [w.ask({"paths": files, "fast": True, "max_pixels": 10**8}) for w in workers]
+        assert answers[0] == answers[1] == answers[2] and not answers[0]["failed"]
+        assert [int(h, 16) for h in answers[0]["hashes"]] == hash_files(files, workers=0).hashes.tolist()
+    finally:
+        for w in workers:
+            w.close()
+    assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("n, chunk, workers", [(2000, 32, 2), (100, 32, 2), (33, 32, 1), (7, 2, 4), (1, 32, 2)])
+def test_chunks_cover_every_file_once_and_shrink_at_the_end(n, chunk, workers):
+    bounds = chunk_bounds(n, chunk, workers)
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == n and (sizes > 0).all() and (sizes <= chunk).all()
+    tail = sizes[-min(len(sizes), 2 * workers):]
+    assert (tail <= max(1, chunk // 4)).all()  # the last chunks a worker gets are small: no long idle tail
 
 
 def test_workers_that_cannot_start_raise_instead_of_blaming_files(pictures):
