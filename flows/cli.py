@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -176,14 +177,30 @@ def start_file_server(cfg, port: int | None = None):
     return server
 
 
-def _unwind_on_signals() -> None:
+_unwinding = threading.Event()  # set once `fm up` has caught the interrupt and is stopping what it started
+
+
+def _unwind_on_signals(retry_s: float = 2.0) -> None:
     """SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` stops what this process started (Prefect's runner
-    replaces the SIGTERM handler with its own graceful stop once it serves; serve then returns)."""
+    replaces the SIGTERM handler with its own graceful stop once it serves; serve then returns).
+    A KeyboardInterrupt raised by a signal handler can land in a finaliser (`__del__`), where Python prints
+    "Exception ignored" and goes on as if nothing happened; so until the unwinding has begun, the signal is
+    sent again every `retry_s` seconds (measured: a SIGTERM swallowed by asyncio's transport __del__ left
+    `fm up` serving)."""
     def handler(signum: int, frame: object) -> None:
+        if not _unwinding.is_set():
+            threading.Thread(target=_resend_until_unwound, args=(signum, handler, retry_s), daemon=True).start()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+def _resend_until_unwound(signum: int, handler: object, retry_s: float) -> None:
+    while not _unwinding.wait(retry_s):
+        if signal.getsignal(signum) is not handler:
+            return  # the clean-up ignores signals, or Prefect's runner took over (its own graceful stop)
+        os.kill(os.getpid(), signum)
 
 
 def prefect_command() -> str:
@@ -262,6 +279,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("fm up: stopping", file=sys.stderr)
         return 130
     finally:
+        _unwinding.set()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut the clean-up
             signal.signal(sig, signal.SIG_IGN)
         if files is not None:

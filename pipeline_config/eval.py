@@ -41,7 +41,7 @@ class EvalConfig(Section):
     width: int = Field(512, ge=8, multiple_of=8)
     height: int = Field(768, ge=8, multiple_of=8)
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # images a generation call, several concepts' images together
 
     # --- detection ----------------------------------------------------------------------------
     tagger: str | None = None  # None: the tag stage's tagger

@@ -15,11 +15,12 @@ a kill skips finished units (their PNGs are already written).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ from tasks.diffusion.objectives import objective_named
 from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
 from tasks.sample.pngmeta import save_png
 
-CODE_VERSION = "3"  # 2: report table "checkpoints" (was "summary"); 3: labelled concept x seed grids
+CODE_VERSION = "4"  # 2: report table "checkpoints" (was "summary"); 3: labelled concept x seed grids;
+# 4: several concepts a generation call (batch_size images)
 RESULTS_FILE = "results.parquet"
 PLOT_FILE = "plots/learning_curve.png"
 
@@ -136,41 +138,85 @@ def _open_images(pool: Path, paths: list[str], log, max_side: int) -> list[Image
     return out
 
 
-def run_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings, concept: Concept,
-             *, k: int, seed: int, batch_size: int, negative: str, probes: dict[str, CentroidProbe],
-             space: str, tagger: TaggerEmbedder | None, tag_idx: dict[str, int]) -> dict[str, Any]:
-    """Generate K images for one (checkpoint, concept), classify them, journal the result (or reuse it)."""
-    journal = work / "units" / ck.id / f"{concept.slug}.json"
-    if journal.is_file():
-        return json.loads(journal.read_text())
+def _journal(work: Path, ck: EvalCheckpoint, concept: Concept) -> Path:
+    return work / "units" / ck.id / f"{concept.slug}.json"
+
+
+def run_units(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings,
+              concepts: list[Concept], *, k: int, seed: int, batch_size: int, negative: str,
+              probes: dict[str, CentroidProbe], space: str, tagger: TaggerEmbedder | None,
+              tag_idx: dict[str, int], on_unit: Callable[[Concept], None] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Generate K images for each (checkpoint, concept), classify them, journal each unit (or reuse its
+    journal). The images of several concepts share a generation call (up to `batch_size` images, prompts
+    mixed): a small UNet at K = 16 would otherwise run at a sliver of the GPU. Image i of every concept
+    uses seed + i whatever the batching, so a unit's images do not depend on which units it was batched
+    with (up to the kernels' batch-size rounding)."""
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Concept] = []
+    for c in concepts:
+        journal = _journal(work, ck, c)
+        if journal.is_file():
+            results[c.slug] = json.loads(journal.read_text())
+            if on_unit is not None:
+                on_unit(c)
+        else:
+            todo.append(c)
+    jobs = [(c, i) for c in todo for i in range(k)]  # concept-major: a unit finishes as early as it can
+    latents: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, len(jobs), max(1, batch_size)):
+        part = jobs[start:start + max(1, batch_size)]
+        lat = generate_latents(model.components, [c.prompt for c, _ in part], [negative] * len(part),
+                               [seed + i for _, i in part], settings)
+        for (c, _), row in zip(part, lat):
+            latents[c.slug].append(row)
+        for c in {c.slug: c for c, _ in part}.values():  # the units this call completed
+            if len(latents[c.slug]) == k:
+                results[c.slug] = _finish_unit(work, ck, model, settings, c, torch.stack(latents.pop(c.slug)),
+                                               seed=seed, negative=negative, probes=probes, space=space,
+                                               tagger=tagger, tag_idx=tag_idx)
+                if on_unit is not None:
+                    on_unit(c)
+    return results
+
+
+def _finish_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings, concept: Concept,
+                 lat: torch.Tensor, *, seed: int, negative: str, probes: dict[str, CentroidProbe], space: str,
+                 tagger: TaggerEmbedder | None, tag_idx: dict[str, int]) -> dict[str, Any]:
+    """One unit's K latents -> PNGs, features, probe assignments, tagger probabilities; journaled."""
     img_dir = work / "images" / ck.id / concept.slug
-    seeds = [seed + i for i in range(k)]
-    images: list[Image.Image] = []
-    feats: list[np.ndarray] = []
+    with torch.no_grad():
+        images = latents_to_images(decode_latents(model.components.vae, lat))
     paths: list[str] = []
-    for start in range(0, k, batch_size):
-        part = seeds[start:start + batch_size]
-        lat = generate_latents(model.components, [concept.prompt] * len(part), [negative] * len(part), part, settings)
-        with torch.no_grad():
-            ims = latents_to_images(decode_latents(model.components.vae, lat))
-        if space == "latent":
-            feats.append(latent_features(lat))
-        for s, im in zip(part, ims):
-            p = img_dir / f"{s - seed:05d}-{s}.png"
-            save_png(p, im, generation_info(concept.prompt, negative, s, settings, model))
-            paths.append(p.relative_to(work).as_posix())
-        images += ims
+    for i, im in enumerate(images):
+        p = img_dir / f"{i:05d}-{seed + i}.png"
+        save_png(p, im, generation_info(concept.prompt, negative, seed + i, settings, model))
+        paths.append(p.relative_to(work).as_posix())
     probs = tagger.probs(images) if tagger is not None and (space == "tagger" or tag_idx) else None
-    if space == "tagger":
-        feats = [prob_logits(probs)]
-    x = np.concatenate(feats)
+    x = latent_features(lat) if space == "latent" else prob_logits(probs)
     assign = {kind: probe.assign(x).tolist() for kind, probe in probes.items()
               if concept.kind in (kind, "control")}
     wanted = tag_idx if concept.kind == "control" else {t: i for t, i in tag_idx.items() if t == concept.tag}
     tag_probs = {t: probs[:, i].astype(float).tolist() for t, i in wanted.items()} if probs is not None else {}
     result = {"images": paths, "assign": assign, "tag_probs": tag_probs}
-    atomic_write_text(journal, json.dumps(result))
+    atomic_write_text(_journal(work, ck, concept), json.dumps(result))
     return result
+
+
+def run_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings, concept: Concept,
+             **kw: Any) -> dict[str, Any]:
+    """One (checkpoint, concept) unit alone (run_units of one)."""
+    return run_units(work, ck, model, settings, [concept], **kw)[concept.slug]
+
+
+def vae_identity(vae: torch.nn.Module) -> str:
+    """sha1 of the VAE's weights: checkpoints of one run share their VAE (training never changes it), so the
+    reference images' latents are encoded once per VAE, not once per checkpoint."""
+    h = hashlib.sha1()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ aggregation
@@ -250,8 +296,12 @@ def build(ctx: StageContext) -> StageResult:
 
     max_side = max(cfg.width, cfg.height, tagger.backend.input_size)
 
-    def ref_images(c: Concept) -> list[Image.Image]:
-        return _open_images(pool, [by_id[i]["image_path"] for i in c.ref_ids], ctx.log, max_side)
+    opened: dict[str, list[Image.Image]] = {}
+
+    def ref_images(c: Concept) -> list[Image.Image]:  # read once, whatever the number of checkpoints
+        if c.slug not in opened:
+            opened[c.slug] = _open_images(pool, [by_id[i]["image_path"] for i in c.ref_ids], ctx.log, max_side)
+        return opened[c.slug]
 
     # The tagger embedding of a training image does not depend on the checkpoint: compute it once. (Latent
     # references are encoded per checkpoint, by its own VAE.) Concepts without a readable image are dropped.
@@ -271,30 +321,37 @@ def build(ctx: StageContext) -> StageResult:
 
     units_total = len(checkpoints) * (len(concepts) + len(controls))
     done = 0
+    latent_refs: dict[tuple[str, str], np.ndarray] = {}  # (VAE identity, concept) -> reference latent features
+    label = ""
+
+    def unit_done(concept: Concept) -> None:
+        nonlocal done
+        done += 1
+        ctx.progress(done / units_total, f"{label}: {concept.tag}")
     all_rows: list[dict[str, Any]] = []
     for ck in checkpoints:
+        label = ck.label
         model = load_for_sampling(ck.spec, cache_dir=cache_dir, device=device, base_model=base_model(ctx))
         settings = SampleSettings(
             steps=cfg.steps, cfg=cfg.cfg_scale, shift=cfg.shift or model.recommended_shift or 3.0,
             sampler=cfg.sampler, width=cfg.width, height=cfg.height,
             prediction=objective_named(ck.objective).prediction).check()
         probes: dict[str, CentroidProbe] = {}
+        vae_id = vae_identity(model.components.vae) if cfg.probe_space == "latent" else ""
         for kind in kinds:
             members = [c for c in concepts if c.kind == kind]
             if cfg.probe_space == "latent":
-                ref_feats = [latent_features(encode_images(model.components.vae, ref_images(c), cfg.width, cfg.height))
-                             for c in members]
+                for c in members:
+                    if (vae_id, c.slug) not in latent_refs:
+                        latent_refs[(vae_id, c.slug)] = latent_features(
+                            encode_images(model.components.vae, ref_images(c), cfg.width, cfg.height))
+                ref_feats = [latent_refs[(vae_id, c.slug)] for c in members]
             else:
                 ref_feats = [tagger_refs[c.slug] for c in members]
             probes[kind] = CentroidProbe.fit([c.tag for c in members], ref_feats)
-        units = {}
-        for concept in concepts + controls:
-            units[concept.slug] = run_unit(
-                ctx.work, ck, model, settings, concept, k=cfg.images_per_concept, seed=cfg.seed,
-                batch_size=cfg.batch_size, negative=cfg.negative_prompt, probes=probes, space=cfg.probe_space,
-                tagger=tagger, tag_idx=tag_idx)
-            done += 1
-            ctx.progress(done / units_total, f"{ck.label}: {concept.tag}")
+        units = run_units(ctx.work, ck, model, settings, concepts + controls, k=cfg.images_per_concept,
+                          seed=cfg.seed, batch_size=cfg.batch_size, negative=cfg.negative_prompt, probes=probes,
+                          space=cfg.probe_space, tagger=tagger, tag_idx=tag_idx, on_unit=unit_done)
         all_rows += checkpoint_rows(ck, concepts, controls, units, probes, threshold, cfg.samples_in_report)
         _grid(ctx.work, ck, concepts + controls, units)
         ctx.log.info("eval: %s done (%d concepts)", ck.label, len(concepts))

@@ -57,3 +57,38 @@ def test_tagger_unit_records_own_tag_probs_and_is_journaled(models, tmp_path):
     hit, ctrl = rows[0]["probe_hit_rate"], rows[0]["control_rate"]
     assert rows[0]["lift"] == pytest.approx(hit - ctrl) and rows[0]["probe_chance"] == 0.5
     assert len(rows[0]["samples"]) == 2
+
+
+def test_several_concepts_share_a_generation_call_and_match_units_made_alone(models, tmp_path, monkeypatch):
+    """run_units fills each UNet call with up to batch_size images of several concepts; image i of a concept keeps
+    seed + i, so every unit equals the unit generated alone (same seeds, same files), and units already journaled
+    are not generated again."""
+    import tasks.eval.stage as stage
+    from PIL import Image
+
+    model, tagger = models
+    ck = EvalCheckpoint(id="ck", label="ck", spec="builtin:tiny-sd15", run="base", objective="flow", step=0)
+    settings = SampleSettings(steps=2, width=64, height=64)
+    concepts = [Concept("character", f"c{j}", f"1girl, concept {j}", [j], [j]) for j in range(3)]
+    rng = np.random.default_rng(0)
+    probe = CentroidProbe.fit([c.tag for c in concepts], [rng.normal(j, 1, (3, 256)) for j in range(3)])
+    kw = dict(k=3, seed=7, negative="", probes={"character": probe}, space="latent", tagger=None, tag_idx={})
+    calls = []
+    real = stage.generate_latents
+    monkeypatch.setattr(stage, "generate_latents", lambda comp, prompts, *a, **k: calls.append(len(prompts)) or
+                        real(comp, prompts, *a, **k))
+    together = stage.run_units(tmp_path / "together", ck, model, settings, concepts, batch_size=4, **kw)
+    assert calls == [4, 4, 1]  # 9 images: concept 0 and the first of concept 1, ...
+    calls.clear()
+    alone = {c.slug: stage.run_unit(tmp_path / "alone", ck, model, settings, c, batch_size=4, **kw) for c in concepts}
+    assert calls == [3, 3, 3]
+    for c in concepts:
+        assert together[c.slug]["images"] == alone[c.slug]["images"]
+        for rel in together[c.slug]["images"]:
+            a = np.asarray(Image.open(tmp_path / "together" / rel), np.int16)
+            b = np.asarray(Image.open(tmp_path / "alone" / rel), np.int16)
+            assert np.abs(a - b).max() <= 1  # the same seeds: equal up to the kernels' batch-size rounding
+    calls.clear()
+    (tmp_path / "together" / "units" / "ck" / f"{concepts[1].slug}.json").unlink()
+    again = stage.run_units(tmp_path / "together", ck, model, settings, concepts, batch_size=4, **kw)
+    assert calls == [3] and again[concepts[0].slug] == together[concepts[0].slug]

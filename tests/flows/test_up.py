@@ -201,3 +201,39 @@ def test_up_overrides_become_every_deployments_default():
     assert served["full"].parameters == {"config": "demo", "overrides": ["data_root=/data/x"]}
     assert served["bucket"].parameters["overrides"] == ["data_root=/data/x"]
     assert served["ab"].parameters["ab"] is True and served["ab"].parameters["overrides"] == ["data_root=/data/x"]
+
+
+SWALLOWED_SIGTERM = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from flows.cli import _unwind_on_signals, _unwinding
+
+class Finaliser:
+    def __del__(self):  # the signal arrives while a finaliser runs: its KeyboardInterrupt is 'ignored'
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))
+
+_unwind_on_signals(retry_s=0.2)
+try:
+    Finaliser()
+    print("swallowed", flush=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("still running", flush=True)
+except KeyboardInterrupt as exc:
+    print("unwound", exc, flush=True)
+finally:
+    _unwinding.set()
+"""
+
+
+def test_a_sigterm_swallowed_by_a_finaliser_is_sent_again_until_fm_up_unwinds():
+    """Measured: a SIGTERM whose KeyboardInterrupt landed in asyncio's transport __del__ ("Exception ignored")
+    left `fm up` serving. The handler re-sends the signal until the unwinding has begun."""
+    root = str(Path(__file__).resolve().parents[2])
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED_SIGTERM, root], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in proc.stderr  # the first KeyboardInterrupt really was swallowed
+    assert proc.stdout.split() == ["swallowed", "unwound", "SIGTERM"], proc.stdout + proc.stderr
+    assert time.monotonic() - started < 15
