@@ -153,8 +153,9 @@ def _run_side_by_side(commands: list[list[str]], env: dict[str, str] | None = No
 
 
 def test_importing_tasks_silences_the_bitsandbytes_kernel_warning():
-    """diffusers imports bitsandbytes, whose CPU backend warns on every import about an untrusted Hub kernel."""
-    code = "{}from diffusers import UNet2DConditionModel"
+    """bitsandbytes' CPU backend warns on every import about an untrusted Hub kernel. Since `import tasks` defers
+    bitsandbytes to its first use, the package is loaded here by that use (the 8-bit optimiser's module)."""
+    code = "{}from diffusers import UNet2DConditionModel\nimport bitsandbytes\nbitsandbytes.optim"
     noisy, quiet = _run_side_by_side([[sys.executable, "-c", code.format("")],
                                       [sys.executable, "-c", code.format("import tasks; ")]])
     assert quiet.returncode == 0, quiet.stderr[-2000:]
