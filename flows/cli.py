@@ -180,27 +180,38 @@ def start_file_server(cfg, port: int | None = None):
 _unwinding = threading.Event()  # set once `fm up` has caught the interrupt and is stopping what it started
 
 
-def _unwind_on_signals(retry_s: float = 2.0) -> None:
+def _unwind_on_signals(retry_s: float = 0.2) -> None:
     """SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` stops what this process started (Prefect's runner
     replaces the SIGTERM handler with its own graceful stop once it serves; serve then returns).
-    A KeyboardInterrupt raised by a signal handler can land in a finaliser (`__del__`), where Python prints
-    "Exception ignored" and goes on as if nothing happened; so until the unwinding has begun, the signal is
-    sent again every `retry_s` seconds (measured: a SIGTERM swallowed by asyncio's transport __del__ left
-    `fm up` serving)."""
+    A KeyboardInterrupt raised by a signal handler can land in a finaliser (`__del__`), where Python reports it
+    to sys.unraisablehook ("Exception ignored") and goes on as if nothing happened (measured: a SIGTERM swallowed
+    by asyncio's transport __del__ left `fm up` serving). So a swallowed one is sent again, `retry_s` later --
+    only then: an unwinding that is under way (stopping a server takes seconds) is never cut by a resend."""
+    _unwinding.clear()
+
     def handler(signum: int, frame: object) -> None:
-        if not _unwinding.is_set():
-            threading.Thread(target=_resend_until_unwound, args=(signum, handler, retry_s), daemon=True).start()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    previous = sys.unraisablehook
+
+    def resend_swallowed(unraisable: object) -> None:
+        exc = getattr(unraisable, "exc_value", None)
+        name = str(exc) if isinstance(exc, KeyboardInterrupt) else ""
+        if name in ("SIGTERM", "SIGHUP") and not _unwinding.is_set():
+            signum = signal.Signals[name]
+
+            def again() -> None:
+                if not _unwinding.is_set() and signal.getsignal(signum) is handler:
+                    os.kill(os.getpid(), signum)
+
+            timer = threading.Timer(retry_s, again)
+            timer.daemon = True
+            timer.start()
+        previous(unraisable)  # type: ignore[arg-type]
+
+    sys.unraisablehook = resend_swallowed
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
-
-
-def _resend_until_unwound(signum: int, handler: object, retry_s: float) -> None:
-    while not _unwinding.wait(retry_s):
-        if signal.getsignal(signum) is not handler:
-            return  # the clean-up ignores signals, or Prefect's runner took over (its own graceful stop)
-        os.kill(os.getpid(), signum)
 
 
 def prefect_command() -> str:

@@ -2,6 +2,7 @@ import importlib as _importlib
 import importlib.util as _importlib_util
 import logging as _logging
 import sys as _sys
+import threading as _threading
 import types as _types
 
 # bitsandbytes, imported by diffusers, warns on every import (CPUs with AVX512-BF16) that the Hub kernel of an
@@ -27,19 +28,22 @@ def _load_bitsandbytes_on_first_use() -> None:
         return
     stand_in = _types.ModuleType("bitsandbytes", "bitsandbytes, imported on first use (tasks/__init__.py)")
     stand_in.__spec__, stand_in.__file__, stand_in.__loader__ = spec, spec.origin, spec.loader
-    stand_in.__path__ = list(spec.submodule_search_locations or [])
     stand_in.__package__ = "bitsandbytes"
+    # No __path__: `import bitsandbytes.optim` / `from bitsandbytes.optim import X` ask for it, which runs the
+    # package's own __init__ first (it registers the ops the submodules call).
+    lock = _threading.Lock()
 
     def __getattr__(name: str) -> object:
-        if _sys.modules.get("bitsandbytes") is stand_in:
-            del _sys.modules["bitsandbytes"]
-            try:
-                real = _importlib.import_module("bitsandbytes")
-            except BaseException:
-                _sys.modules["bitsandbytes"] = stand_in
-                raise
-            stand_in.__dict__.update(real.__dict__)  # holders of the stand-in see the package from now on
-        return getattr(_sys.modules["bitsandbytes"], name)
+        with lock:  # two first uses at once: one import
+            if _sys.modules.get("bitsandbytes") is stand_in:
+                del _sys.modules["bitsandbytes"]
+                try:
+                    real = _importlib.import_module("bitsandbytes")
+                except BaseException:
+                    _sys.modules["bitsandbytes"] = stand_in
+                    raise
+                stand_in.__dict__.update(real.__dict__)  # holders of the stand-in see the package from now on
+        return getattr(_importlib.import_module("bitsandbytes"), name)
 
     stand_in.__getattr__ = __getattr__  # type: ignore[method-assign]
     _sys.modules["bitsandbytes"] = stand_in

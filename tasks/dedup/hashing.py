@@ -406,12 +406,7 @@ class _Worker:
             raise ConnectionError("hash worker closed its socket")
         return json.loads(line)
 
-    def close(self, kill: bool = False) -> None:
-        if kill and self.pid:  # a worker that may still be busy (or hung) on a file
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def close(self) -> None:
         for stream in (self.writer, self.reader, self.sock):
             try:
                 stream.close()  # the worker's loop ends at EOF
@@ -431,7 +426,8 @@ def start_workers(count: int, cmd: Sequence[str], warm_png: bool) -> tuple[subpr
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # a process a core already: BLAS threads would only compete
     args = [*cmd, "--fds", ",".join(map(str, theirs))] + (["--warm-png"] if warm_png else [])
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, pass_fds=theirs, env=env)
+        # its own process group (it and its forks): an early stop kills the family with one killpg, no pids
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, pass_fds=theirs, env=env, start_new_session=True)
     finally:
         for _, b in pairs:
             b.close()
@@ -495,6 +491,15 @@ def hash_files(
     live: list[_Worker] = []
     failures: list[BaseException] = []
 
+    def kill_family() -> None:  # the workers may be busy (or hung) on a file: nothing should wait for them
+        with lock:
+            family = list(starters)
+        for p in family:  # a started process not yet waited for: its process group id is still its own
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def spawn_one() -> _Worker:  # a replacement for a worker that died: started on its own
         proc, (worker,) = start_workers(1, cmd, warm_png)
         with lock:
@@ -541,6 +546,7 @@ def hash_files(
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
             with lock:
                 failures.append(exc)
+            kill_family()  # the other threads may wait on a worker's answer
         finally:
             if worker is not None:
                 worker.close()
@@ -557,12 +563,15 @@ def hash_files(
             t.join()
     finally:
         with lock:
-            if open_chunks[0]:
+            early = bool(open_chunks[0])
+            if early:
                 failures.append(RuntimeError("hashing stopped early"))
+        if early:  # interrupted (Ctrl-C, a cancelled flow run) or failed
+            kill_family()
         for t in threads:
             t.join()
         for w in live:
-            w.close(kill=bool(open_chunks[0]))
+            w.close()
         for p in starters:
             try:
                 p.wait(timeout=10)
@@ -606,10 +615,14 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     for k, fd in enumerate(fds[:-1]):
         pid = os.fork()
         if pid == 0:
-            for other in fds[k + 1:]:  # the other workers' sockets: their EOF must not wait for this one
-                os.close(other)
-            _serve(fd)
-            os._exit(0)
+            code = 1
+            try:
+                for other in fds[k + 1:]:  # the other workers' sockets: their EOF must not wait for this one
+                    os.close(other)
+                _serve(fd)
+                code = 0
+            finally:  # a fork never unwinds into the code (atexit handlers) of the process it copies
+                os._exit(code)
         forked.append(pid)
         os.close(fd)
     _serve(fds[-1])

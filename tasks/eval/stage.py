@@ -43,12 +43,13 @@ from tasks.eval.report import (
     summary_rows,
 )
 from tasks.models.single_file import read_metadata
-from tasks.models.vae import decode_latents
+from tasks.models.vae import decode_latents, vae_scaling_factor, vae_shift_factor
 from tasks.sample.grid import labelled_grid
 from tasks.sample.main import LoadedModel, generation_info, load_for_sampling
 from tasks.diffusion.objectives import objective_named
 from tasks.sample.pipeline import SampleSettings, generate_latents, latents_to_images
 from tasks.sample.pngmeta import save_png
+from tasks.sample.prompt import pack_prompts
 
 CODE_VERSION = "4"  # 2: report table "checkpoints" (was "summary"); 3: labelled concept x seed grids;
 # 4: several concepts a generation call (batch_size images)
@@ -162,10 +163,17 @@ def run_units(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Samp
                 on_unit(c)
         else:
             todo.append(c)
-    jobs = [(c, i) for c in todo for i in range(k)]  # concept-major: a unit finishes as early as it can
+    # A call pads every prompt to its longest one's 77-token chunks, which changes a shorter prompt's conditioning:
+    # only prompts of the same chunk count share a call. Concept-major: a unit finishes as early as it can.
+    tokenizer = model.components.tokenizer
+    by_chunks: dict[int, list[Concept]] = defaultdict(list)
+    for c in todo:
+        by_chunks[pack_prompts(tokenizer, [c.prompt], max_chunks=settings.max_chunks).chunks].append(c)
+    calls = [part for group in by_chunks.values()
+             for jobs in [[(c, i) for c in group for i in range(k)]]
+             for part in (jobs[s:s + max(1, batch_size)] for s in range(0, len(jobs), max(1, batch_size)))]
     latents: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for start in range(0, len(jobs), max(1, batch_size)):
-        part = jobs[start:start + max(1, batch_size)]
+    for part in calls:
         lat = generate_latents(model.components, [c.prompt for c, _ in part], [negative] * len(part),
                                [seed + i for _, i in part], settings)
         for (c, _), row in zip(part, lat):
@@ -174,7 +182,7 @@ def run_units(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Samp
             if len(latents[c.slug]) == k:
                 results[c.slug] = _finish_unit(work, ck, model, settings, c, torch.stack(latents.pop(c.slug)),
                                                seed=seed, negative=negative, probes=probes, space=space,
-                                               tagger=tagger, tag_idx=tag_idx)
+                                               tagger=tagger, tag_idx=tag_idx, batch_size=batch_size)
                 if on_unit is not None:
                     on_unit(c)
     return results
@@ -182,11 +190,13 @@ def run_units(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Samp
 
 def _finish_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: SampleSettings, concept: Concept,
                  lat: torch.Tensor, *, seed: int, negative: str, probes: dict[str, CentroidProbe], space: str,
-                 tagger: TaggerEmbedder | None, tag_idx: dict[str, int]) -> dict[str, Any]:
+                 tagger: TaggerEmbedder | None, tag_idx: dict[str, int], batch_size: int) -> dict[str, Any]:
     """One unit's K latents -> PNGs, features, probe assignments, tagger probabilities; journaled."""
     img_dir = work / "images" / ck.id / concept.slug
-    with torch.no_grad():
-        images = latents_to_images(decode_latents(model.components.vae, lat))
+    images: list[Image.Image] = []
+    with torch.no_grad():  # decoded batch_size at a time, as they were generated (the VAE's memory at full size)
+        for start in range(0, len(lat), max(1, batch_size)):
+            images += latents_to_images(decode_latents(model.components.vae, lat[start:start + max(1, batch_size)]))
     paths: list[str] = []
     for i, im in enumerate(images):
         p = img_dir / f"{i:05d}-{seed + i}.png"
@@ -210,9 +220,9 @@ def run_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Sampl
 
 
 def vae_identity(vae: torch.nn.Module) -> str:
-    """sha1 of the VAE's weights: checkpoints of one run share their VAE (training never changes it), so the
+    """sha1 of the VAE's weights, dtype, scaling and shift: checkpoints of one run share their VAE (training never changes it), so the
     reference images' latents are encoded once per VAE, not once per checkpoint."""
-    h = hashlib.sha1()
+    h = hashlib.sha1(f"{vae_scaling_factor(vae)} {vae_shift_factor(vae)} {next(vae.parameters()).dtype}".encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -296,12 +306,8 @@ def build(ctx: StageContext) -> StageResult:
 
     max_side = max(cfg.width, cfg.height, tagger.backend.input_size)
 
-    opened: dict[str, list[Image.Image]] = {}
-
-    def ref_images(c: Concept) -> list[Image.Image]:  # read once, whatever the number of checkpoints
-        if c.slug not in opened:
-            opened[c.slug] = _open_images(pool, [by_id[i]["image_path"] for i in c.ref_ids], ctx.log, max_side)
-        return opened[c.slug]
+    def ref_images(c: Concept) -> list[Image.Image]:  # read again per distinct VAE only (latent_refs below)
+        return _open_images(pool, [by_id[i]["image_path"] for i in c.ref_ids], ctx.log, max_side)
 
     # The tagger embedding of a training image does not depend on the checkpoint: compute it once. (Latent
     # references are encoded per checkpoint, by its own VAE.) Concepts without a readable image are dropped.

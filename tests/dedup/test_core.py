@@ -203,6 +203,26 @@ def test_chunks_cover_every_file_once_and_shrink_at_the_end(n, chunk, workers):
     assert (tail <= max(1, chunk // 4)).all()  # the last chunks a worker gets are small: no long idle tail
 
 
+def test_a_failed_request_stops_every_worker_even_one_hung_on_a_file(tmp_path, pictures):
+    """One worker fails its request while another is stuck on a file: hash_files raises at once (the worker
+    family is killed as a process group) instead of waiting on the stuck one, and leaves no process behind."""
+    import time
+
+    hang, error = tmp_path / "HANG.jpg", tmp_path / "ERROR.jpg"
+    for f in (hang, error):
+        f.write_bytes(pictures["jpg"][0].read_bytes())
+    files = [str(hang), str(error)] + [str(p) for p in pictures["jpg"]]
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the worker itself failed"):
+        hash_files(files, workers=2, chunk=1, worker_cmd=[sys.executable, "-m", "tests.dedup.crashy_worker"])
+    assert time.monotonic() - started < 60
+    import psutil
+
+    left = [p for p in psutil.process_iter(["cmdline"]) if "tests.dedup.crashy_worker" in " ".join(p.info["cmdline"] or [])
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
+
+
 def test_workers_that_cannot_start_raise_instead_of_blaming_files(pictures):
     files = pictures["jpg"] + pictures["png"]
     with pytest.raises(RuntimeError, match="did not start"):

@@ -69,19 +69,21 @@ def test_several_concepts_share_a_generation_call_and_match_units_made_alone(mod
     model, tagger = models
     ck = EvalCheckpoint(id="ck", label="ck", spec="builtin:tiny-sd15", run="base", objective="flow", step=0)
     settings = SampleSettings(steps=2, width=64, height=64)
-    concepts = [Concept("character", f"c{j}", f"1girl, concept {j}", [j], [j]) for j in range(3)]
+    long_prompt = ", ".join(f"tag{j}" for j in range(60))  # over 75 tokens: two chunks
+    concepts = [Concept("character", f"c{j}", f"1girl, concept {j}", [j], [j]) for j in range(3)] + \
+        [Concept("character", "c3", long_prompt, [3], [3])]
     rng = np.random.default_rng(0)
-    probe = CentroidProbe.fit([c.tag for c in concepts], [rng.normal(j, 1, (3, 256)) for j in range(3)])
+    probe = CentroidProbe.fit([c.tag for c in concepts], [rng.normal(j, 1, (3, 256)) for j in range(4)])
     kw = dict(k=3, seed=7, negative="", probes={"character": probe}, space="latent", tagger=None, tag_idx={})
     calls = []
     real = stage.generate_latents
     monkeypatch.setattr(stage, "generate_latents", lambda comp, prompts, *a, **k: calls.append(len(prompts)) or
                         real(comp, prompts, *a, **k))
     together = stage.run_units(tmp_path / "together", ck, model, settings, concepts, batch_size=4, **kw)
-    assert calls == [4, 4, 1]  # 9 images: concept 0 and the first of concept 1, ...
+    assert calls == [4, 4, 1, 3]  # 9 short-prompt images, 4 a call; the two-chunk prompt never shares a call
     calls.clear()
     alone = {c.slug: stage.run_unit(tmp_path / "alone", ck, model, settings, c, batch_size=4, **kw) for c in concepts}
-    assert calls == [3, 3, 3]
+    assert calls == [3, 3, 3, 3]
     for c in concepts:
         assert together[c.slug]["images"] == alone[c.slug]["images"]
         for rel in together[c.slug]["images"]:

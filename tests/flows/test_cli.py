@@ -195,3 +195,10 @@ def test_bitsandbytes_loads_only_when_the_8bit_optimiser_is_used():
             "from bitsandbytes.optim import AdamW8bit\nassert AdamW8bit is bnb.optim.AdamW8bit\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
+    # the first use a submodule import (as transformers and accelerate import the optimisers): the package's own
+    # __init__ runs first, or the optimiser's ops are missing
+    code = ("import sys, torch, tasks\nfrom bitsandbytes.optim import AdamW8bit\n"
+            "p = torch.nn.Parameter(torch.ones(64, 64)); opt = AdamW8bit([p], lr=0.1)\n"
+            "p.grad = torch.ones_like(p); opt.step()\nassert (p < 1).all()\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]

@@ -230,10 +230,36 @@ finally:
 
 def test_a_sigterm_swallowed_by_a_finaliser_is_sent_again_until_fm_up_unwinds():
     """Measured: a SIGTERM whose KeyboardInterrupt landed in asyncio's transport __del__ ("Exception ignored")
-    left `fm up` serving. The handler re-sends the signal until the unwinding has begun."""
+    left `fm up` serving. A swallowed interrupt is sent again (and only a swallowed one: see the next test)."""
     root = str(Path(__file__).resolve().parents[2])
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", SWALLOWED_SIGTERM, root], capture_output=True, text=True, timeout=60)
     assert "Exception ignored" in proc.stderr  # the first KeyboardInterrupt really was swallowed
     assert proc.stdout.split() == ["swallowed", "unwound", "SIGTERM"], proc.stdout + proc.stderr
     assert time.monotonic() - started < 15
+
+
+UNWINDING_SLOWLY = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from flows.cli import _unwind_on_signals, _unwinding
+
+_unwind_on_signals(retry_s=0.1)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:
+    try:
+        time.sleep(1.5)  # a clean-up that takes longer than retry_s (stopping a server): nothing may cut it
+        print("clean-up done", flush=True)
+    except KeyboardInterrupt:
+        print("clean-up cut", flush=True)
+finally:
+    _unwinding.set()
+"""
+
+
+def test_an_unwinding_under_way_is_not_cut_by_a_second_signal():
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", UNWINDING_SLOWLY, root], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["clean-up", "done"], proc.stdout + proc.stderr
