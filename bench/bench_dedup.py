@@ -359,8 +359,9 @@ def main() -> None:
               f"{runs}; {ours['cpu_s']:.1f} CPU s)")
         print(f"ratio      {ours['img_s'] / ref['img_s']:7.2f}x")
         st, up = h["ours_stream"], h["start_up"]
-        print(f"ours, {st['images']:,} files in one call (the pool 5x): {st['img_s']:.1f} img/s ({st['cpu_s']:.1f} CPU s); "
-              f"the workers' start-up alone {up['seconds']:.2f} s wall, {up['cpu_s']:.2f} CPU s")
+        print(f"ours, {st['images']:,} files in one call (the pool 5x): {st['img_s']:.1f} img/s "
+              f"({st['cpu_s']:.1f} CPU s); the workers' start-up alone {up['seconds']:.2f} s wall, "
+              f"{up['cpu_s']:.2f} CPU s")
         plain = h["ours_pillow_decode"]
         print(f"ours, Pillow decoding every file, same pool: {plain['img_s']:.1f} img/s ({plain['cpu_s']:.1f} CPU s; "
               f"fast decoders {ours['img_s'] / plain['img_s']:.2f}x, same hashes)")

@@ -391,7 +391,8 @@ class _Worker:
                 code = self.starter.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 code = None
-            raise RuntimeError(f"hash worker {' '.join(self.cmd)} did not start (exit code {code}); its stderr is above")
+            raise RuntimeError(f"hash worker {' '.join(self.cmd)} did not start (exit code {code}); "
+                               "its stderr is above")
         self.pid = int(json.loads(hello).get("pid") or 0) or None
 
     def ask(self, request: dict) -> dict:

@@ -169,9 +169,11 @@ def run_units(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Samp
     by_chunks: dict[int, list[Concept]] = defaultdict(list)
     for c in todo:
         by_chunks[pack_prompts(tokenizer, [c.prompt], max_chunks=settings.max_chunks).chunks].append(c)
-    calls = [part for group in by_chunks.values()
-             for jobs in [[(c, i) for c in group for i in range(k)]]
-             for part in (jobs[s:s + max(1, batch_size)] for s in range(0, len(jobs), max(1, batch_size)))]
+    step = max(1, batch_size)
+    calls: list[list[tuple[Concept, int]]] = []
+    for group in by_chunks.values():
+        jobs = [(c, i) for c in group for i in range(k)]
+        calls += [jobs[start:start + step] for start in range(0, len(jobs), step)]
     latents: dict[str, list[torch.Tensor]] = defaultdict(list)
     for part in calls:
         lat = generate_latents(model.components, [c.prompt for c, _ in part], [negative] * len(part),
@@ -194,9 +196,10 @@ def _finish_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: S
     """One unit's K latents -> PNGs, features, probe assignments, tagger probabilities; journaled."""
     img_dir = work / "images" / ck.id / concept.slug
     images: list[Image.Image] = []
+    step = max(1, batch_size)
     with torch.no_grad():  # decoded batch_size at a time, as they were generated (the VAE's memory at full size)
-        for start in range(0, len(lat), max(1, batch_size)):
-            images += latents_to_images(decode_latents(model.components.vae, lat[start:start + max(1, batch_size)]))
+        for start in range(0, len(lat), step):
+            images += latents_to_images(decode_latents(model.components.vae, lat[start:start + step]))
     paths: list[str] = []
     for i, im in enumerate(images):
         p = img_dir / f"{i:05d}-{seed + i}.png"
@@ -220,8 +223,8 @@ def run_unit(work: Path, ck: EvalCheckpoint, model: LoadedModel, settings: Sampl
 
 
 def vae_identity(vae: torch.nn.Module) -> str:
-    """sha1 of the VAE's weights, dtype, scaling and shift: checkpoints of one run share their VAE (training never changes it), so the
-    reference images' latents are encoded once per VAE, not once per checkpoint."""
+    """sha1 of the VAE's weights, dtype, scaling and shift: checkpoints of one run share their VAE (training
+    never changes it), so the reference images' latents are encoded once per VAE, not once per checkpoint."""
     h = hashlib.sha1(f"{vae_scaling_factor(vae)} {vae_shift_factor(vae)} {next(vae.parameters()).dtype}".encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode())
@@ -334,6 +337,7 @@ def build(ctx: StageContext) -> StageResult:
         nonlocal done
         done += 1
         ctx.progress(done / units_total, f"{label}: {concept.tag}")
+
     all_rows: list[dict[str, Any]] = []
     for ck in checkpoints:
         label = ck.label
